@@ -1,0 +1,43 @@
+# Two commands: `make demo` and `make test`. Both create the environment on first use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Keep DeepSpeed's JIT builds and hub caches inside the repo's ignored cache.
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: env demo test lint format bench clean
+
+env: $(STAMP)
+
+# torch is pinned to the CPU wheel here first, so the open range in pyproject.toml is
+# already satisfied and pip never fetches a multi-GB CUDA build on a CPU-only machine.
+# On a GPU machine, install the CUDA torch you want before `pip install -e .`.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m eval.cli demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python bench/reward_throughput.py
+
+clean:
+	rm -rf outputs .pytest_cache .ruff_cache

@@ -1,0 +1,104 @@
+"""The ``pickalign`` command line.
+
+pickalign data inspect SOURCE [--split S] [--skip-bad]   count rows, pairs, ties, bad rows
+pickalign models build --out DIR                          save the tiny offline test models
+pickalign demo [--out DIR]                                the offline end-to-end demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from reward.data import BadRowError, PairFilter, inspect_split
+
+    filters = PairFilter(
+        require_label=not args.keep_unlabeled,
+        keep_ties=not args.drop_ties,
+        require_different=not args.keep_identical,
+    )
+    status = 0
+    for split in args.split:
+        print(f"== {args.source} [{split}]")
+        try:
+            report = inspect_split(args.source, split, skip_bad=args.skip_bad, filters=filters)
+        except BadRowError as error:
+            print(
+                f"error: {error}\n(rerun with --skip-bad to skip and count bad rows)",
+                file=sys.stderr,
+            )
+            return 1
+        except (FileNotFoundError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            status = 2
+            continue
+        print(report.summary())
+    return status
+
+
+def _build_models(args: argparse.Namespace) -> int:
+    from align.tiny import build_tiny_sd, build_tiny_sdxl
+    from reward.tiny import build_tiny_clip
+
+    out = Path(args.out)
+    for name, build in (
+        ("clip", build_tiny_clip),
+        ("sd", build_tiny_sd),
+        ("sdxl", build_tiny_sdxl),
+    ):
+        print(f"{name}: {build(out / name)}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from eval.demo import run_demo
+
+    run_demo(Path(args.out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pickalign", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="Pick-a-Pic datasets").add_subparsers(
+        dest="data_command", required=True
+    )
+    inspect = data.add_parser("inspect", help="count rows, usable pairs, ties and bad rows")
+    inspect.add_argument("source", help="a Hub id (yuvalkirstain/pickapic_v2) or a local folder")
+    inspect.add_argument(
+        "--split", nargs="+", default=["train"], help="one or more splits (default: train)"
+    )
+    inspect.add_argument(
+        "--skip-bad", action="store_true", help="skip bad rows and count them by reason"
+    )
+    inspect.add_argument("--drop-ties", action="store_true", help="do not count ties as usable")
+    inspect.add_argument("--keep-unlabeled", action="store_true", help="keep has_label=false rows")
+    inspect.add_argument(
+        "--keep-identical", action="store_true", help="keep are_different=false rows"
+    )
+    inspect.set_defaults(run=_inspect)
+
+    models = commands.add_parser("models", help="offline test models").add_subparsers(
+        dest="models_command", required=True
+    )
+    build = models.add_parser("build", help="save tiny CLIP, SD and SDXL models to --out")
+    build.add_argument("--out", required=True)
+    build.set_defaults(run=_build_models)
+
+    demo = commands.add_parser("demo", help="run the offline end-to-end demo")
+    demo.add_argument("--out", default="outputs/demo")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""Run infrastructure every recipe uses: config parsing, the accelerator, seeding, progress,
+tracking, checkpoints with rotation and resume, and atomic final artefacts.
+
+Plain functions, no trainer class: a recipe's loop stays visible in its own module.
+
+Works the same on GPUs and on a CPU-only machine, where three launch modes fail silently
+unless handled: on CPU the process group must use gloo (DeepSpeed otherwise asserts on the batch
+size), and DeepSpeed needs ``train_micro_batch_size_per_gpu`` when no DataLoader is prepared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import yaml
+
+T = TypeVar("T")
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "run_state.json"
+
+
+@dataclass
+class RunConfig:
+    """Settings shared by every recipe. Algorithm configs add their own fields to these."""
+
+    output_dir: str = field(
+        default="outputs/run",
+        metadata={"help": "Folder for checkpoints, logs and final artefacts."},
+    )
+    seed: int = field(default=0, metadata={"help": "Base seed; each process adds its rank."})
+    max_steps: int = field(default=100, metadata={"help": "Optimizer steps to train for."})
+    mixed_precision: str = field(
+        default="no", metadata={"help": "'no', 'bf16' or 'fp16' (overrides the launch config)."}
+    )
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-batches accumulated per optimizer step."}
+    )
+    report_to: str = field(
+        default="tensorboard", metadata={"help": "'tensorboard', 'wandb' or 'none'."}
+    )
+    logging_steps: int = field(default=10, metadata={"help": "Log metrics every N steps."})
+    checkpointing_steps: int = field(
+        default=500, metadata={"help": "Save a resumable checkpoint every N steps (0: never)."}
+    )
+    checkpoints_total_limit: int = field(
+        default=3, metadata={"help": "Keep at most this many checkpoints (oldest are deleted)."}
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "A checkpoint folder, or 'latest' for the newest in output_dir."},
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs
+
+
+def parse_config(config_type: type[T], args: list[str] | None = None) -> T:
+    """Parse ``--config file.yaml`` plus ``--flag value`` overrides into ``config_type``.
+
+    Unknown keys in the YAML or on the command line are errors that name them. ``--help`` lists
+    every field with its help text and default.
+    """
+    from trl import TrlParser
+
+    parser = TrlParser([config_type])
+    try:
+        (config,) = parser.parse_args_and_config(args=args)
+    except ValueError as error:  # unknown keys: a usage error, not a traceback
+        parser.error(str(error))
+    return config
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+
+
+def write_config(config: Any, output_dir: str | Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config (defaults, YAML and overrides merged) into the run folder."""
+    path = Path(output_dir) / name
+    text = f"# Resolved config of this run ({type(config).__name__}).\n"
+    text += yaml.safe_dump(config_to_dict(config), sort_keys=False)
+    atomic_write_text(path, text)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic outputs
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``final``; rename it into place only on success.
+
+    Works for files and folders. A crash inside the block leaves ``final`` as it was (absent or
+    the previous version), never half-written.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent)) / final.name
+    try:
+        yield tmp
+        if final.is_dir() and not final.is_symlink():
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_write_json(path: str | Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Accelerator, seeding, progress, tracking
+
+
+def make_accelerator(config: RunConfig, micro_batch_size: int | None = None, project: str = "run"):
+    """An ``Accelerator`` for this run, right on GPUs and on a CPU-only machine.
+
+    ``micro_batch_size`` is handed to DeepSpeed when the recipe prepares no DataLoader (online
+    RL, cached tensors); DeepSpeed refuses to start without it.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    handlers, on_cpu = [], not torch.cuda.is_available()
+    use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if on_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Without gloo, DeepSpeed on CPU picks a backend that miscounts the world size.
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    mixed_precision = (
+        None if config.mixed_precision in (None, "", "auto") else config.mixed_precision
+    )
+    log_with = None if config.report_to in (None, "", "none") else config.report_to
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with=log_with,
+        project_config=ProjectConfiguration(
+            project_dir=config.output_dir, logging_dir=str(Path(config.output_dir) / "logs")
+        ),
+        kwargs_handlers=handlers,
+        # A multi-process launch without CUDA otherwise runs N unsynchronised copies.
+        cpu=on_cpu and not use_deepspeed,
+    )
+    _check_world(accelerator)
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and micro_batch_size is not None:
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch_size
+    if log_with is not None:
+        accelerator.init_trackers(project, config=_scalar_config(config))
+    return accelerator
+
+
+def _check_world(accelerator) -> None:
+    """Refuse to train when the launcher started N processes that would each train alone."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes != launched:
+        raise RuntimeError(
+            f"launched {launched} processes but the accelerator sees {accelerator.num_processes}"
+        )
+    if launched > 1 and accelerator.distributed_type.value == "NO":
+        raise RuntimeError(
+            f"{launched} processes were launched but no process group was set up, so each would "
+            "train alone. On a machine without CUDA launch with ACCELERATE_USE_CPU=true."
+        )
+
+
+def _scalar_config(config: Any) -> dict[str, Any]:
+    """Trackers (tensorboard hparams) accept only scalars: stringify the rest."""
+    flat = {}
+    for key, value in config_to_dict(config).items():
+        ok = isinstance(value, (int, float, str, bool))
+        flat[key] = value if ok else str(value)
+    return flat
+
+
+def seed_everything(seed: int, accelerator=None) -> int:
+    """Seed python, numpy and torch with ``seed + process index``; returns the seed used."""
+    from accelerate.utils import set_seed
+
+    rank = accelerator.process_index if accelerator is not None else 0
+    set_seed(seed + rank)
+    return seed + rank
+
+
+def progress_bar(accelerator, total: int, initial: int = 0, desc: str = "train"):
+    """A tqdm bar shown on the local main process only."""
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total, initial=initial, desc=desc, disable=not accelerator.is_local_main_process
+    )
+
+
+def check_finite(loss: torch.Tensor, step: int) -> None:
+    """Stop before the optimizer step when the loss is NaN or infinite, naming the step."""
+    if not torch.isfinite(loss).all():
+        raise FloatingPointError(
+            f"loss is {loss.item()} at step {step}; stopped before the optimizer step. "
+            "Lower the learning rate, check the data, or resume from the last checkpoint."
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a crash mid-save leaves only a hidden temp folder)."""
+    root = checkpoint_root(output_dir)
+    found = [p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).exists()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+
+def save_checkpoint(accelerator, config: RunConfig, step: int, **state: Any) -> Path:
+    """Save everything needed to resume (models, optimizers, schedulers, RNG states, ``state``).
+
+    The folder appears under its final name only once complete; older ones beyond
+    ``checkpoints_total_limit`` are deleted.
+    """
+    root = checkpoint_root(config.output_dir)
+    final = root / f"{CHECKPOINT_PREFIX}{step}"
+    staging = root / f".{CHECKPOINT_PREFIX}{step}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_json(staging / STATE_FILE, {"step": step, **state})
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        for old in list_checkpoints(config.output_dir)[: -config.checkpoints_total_limit or None]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_checkpoint(output_dir: str | Path, spec: str | None) -> Path | None:
+    """``None`` -> None; ``"latest"`` -> newest complete checkpoint or None; else that folder."""
+    if not spec:
+        return None
+    if spec == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(spec)
+    if not (path / STATE_FILE).exists():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE} inside)")
+    return path
+
+
+def maybe_resume(accelerator, config: RunConfig) -> dict[str, Any]:
+    """Restore the checkpoint ``config.resume_from_checkpoint`` names; returns its saved state
+    (``{"step": 0}`` when starting fresh)."""
+    path = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
+    if path is None:
+        if config.resume_from_checkpoint:
+            accelerator.print(
+                f"no checkpoint in {checkpoint_root(config.output_dir)}; starting fresh"
+            )
+        return {"step": 0}
+    accelerator.load_state(str(path))
+    state = json.loads((path / STATE_FILE).read_text())
+    accelerator.print(f"resumed from {path} at step {state['step']}")
+    return state

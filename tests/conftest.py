@@ -1,0 +1,43 @@
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny CLIP, SD and SDXL saved once per session with save_pretrained."""
+    from align.tiny import build_tiny_sd, build_tiny_sdxl
+    from reward.tiny import build_tiny_clip
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {
+        "clip": build_tiny_clip(root / "clip"),
+        "sd": build_tiny_sd(root / "sd"),
+        "sdxl": build_tiny_sdxl(root / "sdxl"),
+    }
+
+
+def jpeg_bytes(image, fmt: str = "JPEG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def launch(config: str, script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``accelerate launch`` a script with one of the repo's accelerate configs."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(REPO / "accelerate_configs" / config), script, *args,
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result

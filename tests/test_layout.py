@@ -1,0 +1,48 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import REPO
+
+
+def test_packages_resolve_inside_the_repo():
+    import align
+    import eval as eval_package
+    import reward
+
+    for package in (reward, align, eval_package):
+        assert Path(package.__file__).resolve().parent.parent == REPO
+
+
+def test_importing_reward_does_not_import_diffusers():
+    code = (
+        "import sys, reward, reward.data, reward.runtime, reward.tiny, reward.tokenizer;"
+        "bad = [m for m in ('diffusers', 'peft', 'align', 'eval') if m in sys.modules];"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_align_does_not_import_eval():
+    code = "import sys, align, align.tiny; assert 'eval.cli' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_accelerate_configs_parse_and_say_what_they_were_tested_with():
+    configs = sorted((REPO / "accelerate_configs").glob("*.yaml"))
+    names = {c.stem for c in configs}
+    assert {"single_gpu", "multi_gpu", "zero2", "zero3", "cpu_2proc"} <= names
+    for path in configs:
+        text = path.read_text()
+        assert text.startswith("#") and "Tested with" in text, path.name
+        config = yaml.safe_load(text)
+        assert config["distributed_type"] in ("NO", "MULTI_GPU", "DEEPSPEED"), path.name
+    assert yaml.safe_load((REPO / "accelerate_configs/zero3.yaml").read_text())["deepspeed_config"][
+        "zero3_save_16bit_model"
+    ]
+
+
+def test_ci_runs_make_test():
+    assert "make test" in (REPO / ".ci/run").read_text()
