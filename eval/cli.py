@@ -53,6 +53,54 @@ def _build_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _toy_data(args: argparse.Namespace) -> int:
+    from align.toy_data import generate_toy_dataset
+
+    base = {} if args.renders_only else None
+    sizes = generate_toy_dataset(
+        args.out, seed=args.seed, prompts=args.prompts, pairs_per_prompt=args.pairs_per_prompt,
+        base_models=base,
+    )  # fmt: skip
+    for split, rows in sizes.items():
+        print(f"{split:18s} {rows} rows")
+    print(f"written to {Path(args.out).resolve() / 'data'}")
+    return 0
+
+
+def _oracle_check(args: argparse.Namespace) -> int:
+    from eval.oracle import oracle_accuracy
+
+    print("renders:", oracle_accuracy(args.renders, args.seed))
+    if args.vae:
+        from align.pretrain_toy import vae_round_trip
+
+        result = oracle_accuracy(args.renders, args.seed, vae_round_trip(args.vae))
+        print("VAE reconstructions:", result)
+    return 0
+
+
+def _toy_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from diffusers import DiffusionPipeline
+
+    from align.sampling import generate
+    from eval.oracle import oracle_compare
+    from reward.toyworld import prompt_splits
+
+    prompts = [a.prompt for a in prompt_splits()["test"][: args.prompts]]
+    seeds = list(range(args.seed, args.seed + len(prompts)))
+    sample = lambda folder: generate(DiffusionPipeline.from_pretrained(folder), prompts, seeds)  # noqa: E731
+    images = sample(args.model)
+    other = sample(args.against) if args.against else images
+    result = oracle_compare(prompts, images, other)
+    print(json.dumps({"model": result["a"]}, indent=2))
+    if args.against:
+        print(json.dumps({"against": result["b"]}, indent=2))
+        print(f"win rate of {args.model} over {args.against}: {result['win_rate']}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from eval.demo import run_demo
 
@@ -88,6 +136,30 @@ def build_parser() -> argparse.ArgumentParser:
     build = models.add_parser("build", help="save tiny CLIP, SD and SDXL models to --out")
     build.add_argument("--out", required=True)
     build.set_defaults(run=_build_models)
+
+    toy = commands.add_parser("toy", help="the toy preference world").add_subparsers(
+        dest="toy_command", required=True
+    )
+    toy_data = toy.add_parser("data", help="write a toy dataset in the Pick-a-Pic schema")
+    toy_data.add_argument("--out", required=True, help="output folder")
+    toy_data.add_argument("--seed", type=int, default=0)
+    toy_data.add_argument("--prompts", type=int, default=None, help="train prompts (max 200)")
+    toy_data.add_argument("--pairs-per-prompt", type=int, default=4, help="train pairs per prompt")
+    toy_data.add_argument(
+        "--renders-only", action="store_true", help="no samples from the toy base models"
+    )
+    toy_data.set_defaults(run=_toy_data)
+    check = toy.add_parser("oracle-check", help="the oracle's accuracy on fresh renders")
+    check.add_argument("--renders", type=int, default=1000)
+    check.add_argument("--seed", type=int, default=0)
+    check.add_argument("--vae", help="also measure on this VAE's reconstructions")
+    check.set_defaults(run=_oracle_check)
+    toy_eval = toy.add_parser("eval", help="oracle adherence (and win rate) of pipelines")
+    toy_eval.add_argument("model", help="a pipeline folder")
+    toy_eval.add_argument("--against", help="a second pipeline folder to compare with")
+    toy_eval.add_argument("--prompts", type=int, default=200, help="held-out prompts")
+    toy_eval.add_argument("--seed", type=int, default=0, help="first seed (seed i+k for prompt k)")
+    toy_eval.set_defaults(run=_toy_eval)
 
     demo = commands.add_parser("demo", help="run the offline end-to-end demo")
     demo.add_argument("--out", default="outputs/demo")

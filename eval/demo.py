@@ -1,100 +1,90 @@
-"""The offline demo behind ``make demo``: the smallest end-to-end job on this machine.
+"""The offline demo behind ``make demo``: the toy preference world end to end.
 
-It builds the tiny offline models, has the SD-style and SDXL-style pipelines generate image
-pairs for a few prompts, writes them as a Pick-a-Pic dataset (the 19-column schema), reads it
-back through the data layer, and saves an image grid of the pairs.
+1. Build the toy Pick-a-Pic dataset if it is missing (renders and the shipped base models'
+   samples, labelled by the oracle) and read it back through the data layer.
+2. Sample the shipped SD-style and SDXL-style toy base models on held-out prompts.
+3. Judge the samples with the oracle: adherence of each model, the win rate of one over the
+   other, and an image grid with the oracle's verdict under every image.
 """
 
 from __future__ import annotations
 
-import random
-from datetime import datetime
+import json
 from pathlib import Path
 
-import torch
 from PIL import Image, ImageDraw
 
-from reward.data import SPLITS, inspect_split, iter_pairs, load_pickapic, write_split
+from align.sampling import generate
+from align.toy_data import generate_toy_dataset, shipped_toy_models
+from eval.oracle import oracle_compare
+from reward.data import inspect_split
+from reward.toyworld import ATTRIBUTE_NAMES, judge, prompt_splits
 
-PROMPTS = ["a red circle on a blue background", "a green square", "a yellow triangle at night"]
-
-
-def _jpeg(image: Image.Image) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=95)
-    return buffer.getvalue()
+CELL = 96
 
 
-def _pair_row(index: int, prompt: str, images, models, label_0: float) -> dict:
-    uid = [f"{index:06d}-{side}" for side in (0, 1)]
-    return {
-        "are_different": True,
-        "best_image_uid": uid[0] if label_0 == 1.0 else uid[1] if label_0 == 0.0 else "",
-        "caption": prompt,
-        "created_at": datetime(2026, 1, 1),
-        "has_label": True,
-        "image_0_uid": uid[0],
-        "image_0_url": f"local://{uid[0]}.jpg",
-        "image_1_uid": uid[1],
-        "image_1_url": f"local://{uid[1]}.jpg",
-        "jpg_0": _jpeg(images[0]),
-        "jpg_1": _jpeg(images[1]),
-        "label_0": label_0,
-        "label_1": 1.0 - label_0,
-        "model_0": models[0],
-        "model_1": models[1],
-        "ranking_id": index,
-        "user_id": 0,
-        "num_example_per_prompt": 1,
-        "__index_level_0__": index,
-    }
-
-
-def _grid(pairs, cell: int = 96) -> Image.Image:
-    grid = Image.new("RGB", (2 * cell, (cell + 14) * len(pairs)), "white")
+def verdict_grid(prompts: list[str], columns: dict[str, list[Image.Image]]) -> Image.Image:
+    """One row per prompt, one column per model; under each image the attributes it got right."""
+    label_height, names = 26, list(columns)
+    width, height = CELL * len(names), (CELL + label_height) * len(prompts) + 14
+    grid = Image.new("RGB", (width + 190, height), "white")
     draw = ImageDraw.Draw(grid)
-    for row, pair in enumerate(pairs):
-        top = row * (cell + 14)
-        draw.text((2, top), pair.prompt[:32], fill="black")
-        for col, image in enumerate((pair.image_0, pair.image_1)):
-            grid.paste(image.resize((cell, cell)), (col * cell, top + 14))
+    for col, name in enumerate(names):
+        draw.text((col * CELL + 4, 2), name, fill="black")
+    for row, prompt in enumerate(prompts):
+        top = 14 + row * (CELL + label_height)
+        draw.text((width + 6, top + CELL // 2), prompt.removeprefix("a "), fill="black")
+        for col, name in enumerate(names):
+            image = columns[name][row]
+            grid.paste(image.resize((CELL, CELL), Image.Resampling.NEAREST), (col * CELL, top))
+            verdict = judge(prompt, image)
+            marks = " ".join(
+                f"{attr[0].upper()}{'+' if ok else '-'}" for attr, ok in verdict.satisfied.items()
+            )
+            colour = "darkgreen" if verdict.all_correct else "firebrick"
+            draw.text((col * CELL + 4, top + CELL + 4), marks, fill=colour)
     return grid
 
 
-def run_demo(out: Path) -> Path:
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def run_demo(out: Path, prompts: int = 200, grid_rows: int = 12) -> Path:
+    from diffusers import DiffusionPipeline
 
-    from align.tiny import build_tiny_sd, build_tiny_sdxl
-
-    models = out / "models"
-    for name, build in (("sd", build_tiny_sd), ("sdxl", build_tiny_sdxl)):
-        if not (models / name / "model_index.json").exists():
-            build(models / name)
-    pipes = {
-        "tiny-sd": StableDiffusionPipeline.from_pretrained(models / "sd"),
-        "tiny-sdxl": StableDiffusionXLPipeline.from_pretrained(models / "sdxl"),
-    }
-    rng = random.Random(0)
-    rows = []
-    for index, prompt in enumerate(PROMPTS):
-        images = []
-        for seed, pipe in enumerate(pipes.values()):
-            pipe.set_progress_bar_config(disable=True)
-            generator = torch.Generator().manual_seed(seed)
-            images += pipe(
-                prompt, num_inference_steps=5, height=64, width=64, generator=generator
-            ).images
-        rows.append(_pair_row(index, prompt, images, list(pipes), rng.choice([1.0, 0.0, 0.5])))
-    data = out / "pickapic_demo"
-    for split in SPLITS:
-        write_split(rows, data, split)
+    models = shipped_toy_models()
+    if set(models) != {"toy-sd", "toy-sdxl"}:
+        raise FileNotFoundError(
+            f"the toy base models are missing from {Path(__file__).parents[1] / 'align/assets/toy'}; "
+            "rebuild them with recipes/pretrain_toy.py"
+        )
+    data = out / "toy_pickapic"
+    if not (data / "data" / "test_unique-00000-of-00001.parquet").exists():
+        print(f"building the toy Pick-a-Pic dataset in {data} ...")
+        generate_toy_dataset(data)
     print(inspect_split(data, "train", progress=False).summary())
-    pairs = list(iter_pairs(load_pickapic(data, "train")))
-    grid_path = out / "pairs.png"
-    _grid(pairs).save(grid_path)
+
+    test = [a.prompt for a in prompt_splits()["test"][:prompts]]
+    seeds = list(range(len(test)))
+    samples = {}
+    for name, folder in models.items():
+        print(f"sampling {name} on {len(test)} held-out prompts ...")
+        samples[name] = generate(DiffusionPipeline.from_pretrained(folder), test, seeds)
+    result = oracle_compare(test, samples["toy-sdxl"], samples["toy-sd"])
+    report = {
+        "prompts": len(test),
+        "adherence": {"toy-sdxl": result["a"], "toy-sd": result["b"]},
+        "win_rate_sdxl_over_sd": result["win_rate"].as_dict(),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    grid_path = out / "base_samples.png"
+    verdict_grid(test[:grid_rows], {n: s[:grid_rows] for n, s in samples.items()}).save(grid_path)
+
+    print(f"\noracle adherence on {len(test)} held-out prompts (all three attributes right):")
+    for name, figures in report["adherence"].items():
+        per = ", ".join(f"{a} {figures[a]:.0%}" for a in ATTRIBUTE_NAMES)
+        print(f"  {name:9s} {figures['all_correct']:.1%}  ({per})")
+    print(f"  win rate toy-sdxl over toy-sd: {result['win_rate']}")
     print(f"\ndemo outputs in {out.resolve()}:")
-    print(f"  dataset (Pick-a-Pic schema): {data.resolve()}")
-    print(f"  image grid of the pairs:     {grid_path.resolve()}")
+    print(f"  toy dataset (Pick-a-Pic schema): {data.resolve()}")
+    print(f"  image grid with oracle verdicts: {grid_path.resolve()}")
+    print(f"  figures:                         {(out / 'report.json').resolve()}")
     return grid_path

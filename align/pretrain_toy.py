@@ -1,0 +1,388 @@
+"""Pretrain the toy world's base generators: an SD-style or SDXL-style tiny pipeline built from
+the real diffusers classes, trained on renders of the *train* prompts so that it follows
+held-out prompts only partly. That imperfect base is what alignment has to improve.
+
+Two stages, each resumable with ``--resume_from_checkpoint latest``:
+
+1. VAE (3 levels, 32 px <-> 8x8x4 latents), trained to reconstruct renders of every attribute
+   combination; it only has to keep what the oracle reads. ``--vae_from`` reuses a trained one.
+2. UNet (epsilon prediction) on cached latents of train-prompt renders, with caption dropout for
+   classifier-free guidance. Text encoders are frozen and randomly initialised: that is enough to
+   tell the prompts apart.
+
+The result is saved with ``save_pretrained`` under ``<output_dir>/pipeline`` and evaluated with the
+oracle on the held-out test prompts (``<output_dir>/metrics.json``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from align.sampling import generate
+from reward.runtime import (
+    RunConfig,
+    atomic_path,
+    atomic_write_json,
+    check_finite,
+    make_accelerator,
+    maybe_resume,
+    progress_bar,
+    save_checkpoint,
+    seed_everything,
+    write_config,
+)
+from reward.toyworld import IMAGE_SIZE, all_attributes, prompt_splits, render
+
+LATENT_SIZE = IMAGE_SIZE // 4
+
+
+@dataclass
+class PretrainToyConfig(RunConfig):
+    family: str = field(default="sd", metadata={"help": "'sd' (SD 1.x-style) or 'sdxl'."})
+    vae_from: str | None = field(
+        default=None, metadata={"help": "A trained toy VAE folder to reuse (skips stage 1)."}
+    )
+    vae_steps: int = field(default=1000, metadata={"help": "VAE optimizer steps."})
+    vae_batch_size: int = field(default=32, metadata={"help": "VAE images per step."})
+    vae_learning_rate: float = field(default=1e-3, metadata={"help": "VAE AdamW learning rate."})
+    vae_kl_weight: float = field(default=1e-6, metadata={"help": "KL weight: near-deterministic."})
+    vae_pool: int = field(default=6000, metadata={"help": "Renders the VAE trains on."})
+    renders_per_prompt: int = field(
+        default=48, metadata={"help": "Renders per train prompt cached as UNet latents."}
+    )
+    batch_size: int = field(default=64, metadata={"help": "UNet latents per step."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "UNet AdamW peak learning rate."})
+    warmup_steps: int = field(default=100, metadata={"help": "Linear warmup, then cosine decay."})
+    caption_dropout: float = field(
+        default=0.1, metadata={"help": "Share of captions replaced by '' (for guidance)."}
+    )
+    unet_channels: list[int] = field(
+        default_factory=lambda: [64, 128],
+        metadata={"help": "UNet block widths (one per resolution level)."},
+    )
+    eval_prompts: int = field(default=200, metadata={"help": "Held-out test prompts judged."})
+    eval_steps: int = field(default=20, metadata={"help": "DDIM steps when sampling for eval."})
+    guidance_scale: float = field(default=5.0, metadata={"help": "CFG scale when sampling."})
+
+
+# ----------------------------------------------------------------------------------------------
+# Model components
+
+
+def toy_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=IMAGE_SIZE,
+    )
+
+
+def toy_unet(family: str, channels: list[int]):
+    from diffusers import UNet2DConditionModel
+
+    levels = len(channels)
+    common = dict(
+        sample_size=LATENT_SIZE,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=tuple(channels),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * levels,
+        up_block_types=("CrossAttnUpBlock2D",) * levels,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    if family == "sd":
+        return UNet2DConditionModel(cross_attention_dim=32, **common)
+    return UNet2DConditionModel(
+        cross_attention_dim=64,  # both encoders' hidden states, concatenated
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + 6 * 8,  # pooled (32) + 6 time ids
+        use_linear_projection=True,
+        **common,
+    )
+
+
+def toy_scheduler():
+    from diffusers import DDIMScheduler
+
+    # "leading" spacing with steps_offset=1: sampling never starts at a signal-free timestep.
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+
+
+def text_components(family: str, folder: Path, seed: int) -> dict:
+    from align.tiny import _text_encoder
+    from reward.tokenizer import build_clip_tokenizer
+
+    torch.manual_seed(seed + 1000)
+    tokenizer = build_clip_tokenizer(folder / "tokenizer")
+    parts = {"tokenizer": tokenizer, "text_encoder": _text_encoder(32).eval()}
+    if family == "sdxl":
+        parts["tokenizer_2"] = tokenizer
+        parts["text_encoder_2"] = _text_encoder(32, projection=True).eval()
+    return parts
+
+
+def encode_prompts(family: str, text: dict, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """UNet conditioning for ``prompts``: ``encoder_hidden_states`` and, for SDXL, ``text_embeds``."""
+    from align.text import encode_sd, encode_sdxl
+
+    if family == "sd":
+        return {
+            "encoder_hidden_states": encode_sd(text["tokenizer"], text["text_encoder"], prompts)
+        }
+    hidden, pooled = encode_sdxl(
+        (text["tokenizer"], text["tokenizer_2"]),
+        (text["text_encoder"], text["text_encoder_2"]),
+        prompts,
+    )
+    return {"encoder_hidden_states": hidden, "text_embeds": pooled}
+
+
+def to_tensor(images) -> torch.Tensor:
+    """PIL RGB images -> (B, 3, H, W) in [-1, 1]."""
+    array = np.stack([np.asarray(im, dtype=np.float32) for im in images])
+    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1
+
+
+def render_pool(attributes, count: int, seed: int) -> tuple[torch.Tensor, list[int]]:
+    """``count`` renders cycling through ``attributes``: (N, 3, 32, 32) and attribute indices."""
+    rng = np.random.default_rng(seed)
+    index = [i % len(attributes) for i in range(count)]
+    return to_tensor([render(attributes[i], rng) for i in index]), index
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def _lr_lambda(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return factor
+
+
+def train_vae(config: PretrainToyConfig, folder: Path) -> Path:
+    """Stage 1: train and save the VAE to ``folder``; returns it. Resumable."""
+
+    if (folder / "config.json").exists():
+        return folder
+    stage = RunConfig(**{**vars(_run_fields(config)), "output_dir": str(folder.parent / "vae_run")})
+    stage.max_steps = config.vae_steps
+    accelerator = make_accelerator(stage, project="toy_vae")
+    seed_everything(config.seed, accelerator)
+    pool, _ = render_pool(all_attributes(), config.vae_pool, config.seed)
+    torch.manual_seed(config.seed)
+    vae = toy_vae()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_learning_rate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(50, config.vae_steps))
+    vae, optimizer, scheduler = accelerator.prepare(vae, optimizer, scheduler)
+    start = maybe_resume(accelerator, stage)["step"]
+    bar = progress_bar(accelerator, config.vae_steps, start, desc="vae")
+    for step in range(start + 1, config.vae_steps + 1):
+        batch = pool[torch.randint(len(pool), (config.vae_batch_size,))].to(accelerator.device)
+        posterior = accelerator.unwrap_model(vae).encode(batch).latent_dist
+        recon = accelerator.unwrap_model(vae).decode(posterior.sample()).sample
+        loss = F.mse_loss(recon, batch) + config.vae_kl_weight * posterior.kl().mean()
+        check_finite(loss, step)
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % config.logging_steps == 0:
+            accelerator.log({"vae/loss": loss.item()}, step=step)
+        if config.checkpointing_steps and step % config.checkpointing_steps == 0:
+            save_checkpoint(accelerator, stage, step)
+    bar.close()
+    vae = accelerator.unwrap_model(vae).eval()
+    with torch.no_grad():  # scale latents to unit variance, as SD's scaling_factor does
+        vae.register_to_config(scaling_factor=1.0)
+        latents = cache_latents(vae, pool[:1024])
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    if accelerator.is_main_process:
+        with atomic_path(folder) as tmp:
+            vae.save_pretrained(tmp)
+    accelerator.end_training()
+    return folder
+
+
+def _run_fields(config: PretrainToyConfig) -> RunConfig:
+    return RunConfig(**{f: getattr(config, f) for f in RunConfig.__dataclass_fields__})
+
+
+def vae_round_trip(folder: str | Path):
+    """A function mapping PIL images to their reconstructions through the VAE in ``folder``."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(folder).eval()
+
+    @torch.no_grad()
+    def round_trip(images):
+        latents = cache_latents(vae, to_tensor(images)) / vae.config.scaling_factor
+        decoded = torch.cat(
+            [vae.decode(latents[i : i + 256]).sample for i in range(0, len(latents), 256)]
+        )
+        array = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        return [Image.fromarray(a) for a in array]
+
+    return round_trip
+
+
+@torch.no_grad()
+def cache_latents(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Scaled posterior-mean latents, (N, 4, 8, 8)."""
+    chunks = [
+        vae.encode(images[i : i + batch]).latent_dist.mean for i in range(0, len(images), batch)
+    ]
+    return torch.cat(chunks) * vae.config.scaling_factor
+
+
+def train(config: PretrainToyConfig) -> Path:
+    """Both stages, then save the pipeline and judge it on held-out prompts. Returns the pipeline folder."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    if config.family not in ("sd", "sdxl"):
+        raise ValueError(f"family must be 'sd' or 'sdxl', got {config.family!r}")
+    out = Path(config.output_dir)
+    started = time.time()
+    vae_folder = Path(config.vae_from) if config.vae_from else train_vae(config, out / "vae")
+    vae = AutoencoderKL.from_pretrained(vae_folder).eval().requires_grad_(False)
+
+    accelerator = make_accelerator(config, project=f"toy_{config.family}")
+    write_config(config, out)
+    seed_everything(config.seed, accelerator)
+    text = text_components(config.family, out / "text", config.seed)
+    train_prompts = prompt_splits()["train"]
+    images, prompt_index = render_pool(
+        train_prompts, len(train_prompts) * config.renders_per_prompt, config.seed + 1
+    )
+    latents = cache_latents(vae, images)  # (N, 4, 8, 8)
+    conditions = encode_prompts(config.family, text, [a.prompt for a in train_prompts] + [""])
+    prompt_index = torch.tensor(prompt_index)
+    empty = len(train_prompts)  # index of the "" prompt, for caption dropout
+
+    torch.manual_seed(config.seed)
+    unet = toy_unet(config.family, config.unet_channels)
+    noise_scheduler = DDPMScheduler.from_config(toy_scheduler().config)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(config.warmup_steps, config.max_steps)
+    )
+    unet, optimizer, scheduler = accelerator.prepare(unet, optimizer, scheduler)
+    start = maybe_resume(accelerator, config)["step"]
+    time_ids = torch.tensor(
+        [IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE], dtype=torch.float32
+    )
+    bar = progress_bar(accelerator, config.max_steps, start, desc=f"unet ({config.family})")
+    for step in range(start + 1, config.max_steps + 1):
+        pick = torch.randint(len(latents), (config.batch_size,))
+        which = prompt_index[pick]
+        which = torch.where(torch.rand(len(which)) < config.caption_dropout, empty, which)
+        x0 = latents[pick]
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(x0),))
+        noisy = noise_scheduler.add_noise(x0, noise, t)
+        kwargs = {"encoder_hidden_states": conditions["encoder_hidden_states"][which]}
+        if config.family == "sdxl":
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": conditions["text_embeds"][which],
+                "time_ids": time_ids.expand(len(x0), 6),
+            }
+        device = accelerator.device
+        pred = unet(
+            noisy.to(device), t.to(device), **{k: _to(v, device) for k, v in kwargs.items()}
+        ).sample
+        loss = F.mse_loss(pred.float(), noise.to(device))
+        check_finite(loss, step)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % config.logging_steps == 0:
+            accelerator.log({"unet/loss": loss.item(), "lr": scheduler.get_last_lr()[0]}, step=step)
+        if config.checkpointing_steps and step % config.checkpointing_steps == 0:
+            save_checkpoint(accelerator, config, step)
+    bar.close()
+    minutes = (time.time() - started) / 60
+
+    folder = out / "pipeline"
+    if accelerator.is_main_process:
+        pipe = assemble_pipeline(config.family, accelerator.unwrap_model(unet), vae, text)
+        with atomic_path(folder) as tmp:
+            pipe.save_pretrained(tmp)
+        metrics = evaluate_base(
+            folder, config.eval_prompts, config.eval_steps, config.guidance_scale
+        )
+        metrics["train_minutes"] = round(minutes, 1)
+        atomic_write_json(out / "metrics.json", metrics)
+        accelerator.print(f"pipeline: {folder}\nmetrics: {metrics}")
+    accelerator.end_training()
+    return folder
+
+
+def evaluate_base(folder: Path, prompts: int, steps: int, guidance_scale: float) -> dict:
+    """Oracle adherence of a saved toy pipeline on the first ``prompts`` held-out test prompts
+    (seed i for prompt i)."""
+    from reward.toyworld import adherence, judge
+
+    pipe = load_toy_pipeline(folder)
+    test = prompt_splits()["test"][:prompts]
+    images = generate(pipe, [a.prompt for a in test], list(range(len(test))), steps, guidance_scale)
+    return adherence([judge(a, image) for a, image in zip(test, images)])
+
+
+def load_toy_pipeline(folder: str | Path):
+    """Load a saved toy pipeline; ``DiffusionPipeline`` picks the SD or SDXL class."""
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(folder)
+
+
+def _to(value, device):
+    if isinstance(value, dict):
+        return {k: v.to(device) for k, v in value.items()}
+    return value.to(device)
+
+
+def assemble_pipeline(family: str, unet, vae, text: dict):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if family == "sd":
+        return StableDiffusionPipeline(
+            unet=unet, vae=vae, scheduler=toy_scheduler(), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False, **text,
+        )  # fmt: skip
+    return StableDiffusionXLPipeline(unet=unet, vae=vae, scheduler=toy_scheduler(), **text)

@@ -1,0 +1,72 @@
+"""Pairwise win rates with bootstrap confidence intervals.
+
+Two image sets over the same prompts and seeds are compared item by item: A wins an item with
+outcome 1, ties 0.5, loses 0. The win rate is the mean outcome, so wr(A, B) + wr(B, A) = 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class WinRate:
+    estimate: float
+    low: float  # bootstrap percentile interval
+    high: float
+    n: int
+    wins: int
+    ties: int
+    losses: int
+    confidence: float = 0.95
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        level = round(self.confidence * 100)
+        return (
+            f"{self.estimate:.3f} [{level}% CI {self.low:.3f}, {self.high:.3f}] "
+            f"(n={self.n}: {self.wins} wins, {self.ties} ties, {self.losses} losses)"
+        )
+
+
+def outcomes(scores_a, scores_b) -> np.ndarray:
+    """Per-item outcome of A against B from per-item scores: 1 win, 0.5 tie, 0 loss."""
+    a, b = np.asarray(scores_a, dtype=float), np.asarray(scores_b, dtype=float)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"score lists must be 1-D and paired, got shapes {a.shape} and {b.shape}")
+    return np.where(a > b, 1.0, np.where(a < b, 0.0, 0.5))
+
+
+def bootstrap_interval(
+    values, confidence: float = 0.95, resamples: int = 10_000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values``."""
+    values = np.asarray(values, dtype=float)
+    if values.size == 0:
+        raise ValueError("no values to bootstrap")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, size=(resamples, values.size))].mean(axis=1)
+    tail = (1 - confidence) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
+def win_rate(
+    scores_a, scores_b, confidence: float = 0.95, resamples: int = 10_000, seed: int = 0
+) -> WinRate:
+    """Win rate of A over B (ties count 0.5) with a bootstrap interval."""
+    result = outcomes(scores_a, scores_b)
+    low, high = bootstrap_interval(result, confidence, resamples, seed)
+    return WinRate(
+        estimate=float(result.mean()),
+        low=low,
+        high=high,
+        n=int(result.size),
+        wins=int((result == 1).sum()),
+        ties=int((result == 0.5).sum()),
+        losses=int((result == 0).sum()),
+        confidence=confidence,
+    )

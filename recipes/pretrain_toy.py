@@ -1,0 +1,16 @@
+"""Pretrain a toy-world base generator (SD-style or SDXL-style tiny pipeline) from scratch.
+
+    accelerate launch recipes/pretrain_toy.py --config recipes/configs/toy/sd.yaml
+    accelerate launch recipes/pretrain_toy.py --config recipes/configs/toy/sdxl.yaml
+
+Stage 1 trains the VAE (skip it with --vae_from DIR), stage 2 the UNet on cached latents; both
+resume with --resume_from_checkpoint latest. Writes <output_dir>/pipeline (loads with
+DiffusionPipeline.from_pretrained) and <output_dir>/metrics.json (oracle adherence on the
+held-out prompts). See align/pretrain_toy.py.
+"""
+
+from align.pretrain_toy import PretrainToyConfig, train
+from reward.runtime import parse_config
+
+if __name__ == "__main__":
+    train(parse_config(PretrainToyConfig))

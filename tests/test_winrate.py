@@ -1,0 +1,36 @@
+import numpy as np
+import pytest
+
+from eval.winrate import bootstrap_interval, outcomes, win_rate
+
+
+def test_ties_count_half():
+    assert outcomes([3, 1, 2, 0], [1, 1, 3, 0]).tolist() == [1.0, 0.5, 0.0, 0.5]
+    rate = win_rate([3, 1, 2, 0], [1, 1, 3, 0])
+    assert rate.estimate == 0.5 and (rate.wins, rate.ties, rate.losses) == (1, 2, 1)
+
+
+def test_win_rate_is_symmetric():
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 4, 300), rng.integers(0, 4, 300)
+    assert win_rate(a, b).estimate + win_rate(b, a).estimate == pytest.approx(1.0)
+
+
+def test_interval_contains_the_estimate_and_shrinks_with_data():
+    rng = np.random.default_rng(1)
+    small = win_rate(rng.integers(0, 4, 50), rng.integers(0, 3, 50))
+    large = win_rate(rng.integers(0, 4, 2000), rng.integers(0, 3, 2000))
+    for rate in (small, large):
+        assert rate.low <= rate.estimate <= rate.high
+    assert large.high - large.low < small.high - small.low
+
+
+def test_clear_winner_interval_excludes_half():
+    rate = win_rate([3] * 80 + [0] * 20, [1] * 100)
+    assert rate.estimate == 0.8 and rate.low > 0.5
+    assert bootstrap_interval([1.0] * 10) == (1.0, 1.0)
+
+
+def test_unpaired_scores_are_refused():
+    with pytest.raises(ValueError, match="paired"):
+        win_rate([1, 2], [1, 2, 3])
