@@ -7,8 +7,8 @@ Two stages, each resumable with ``--resume_from_checkpoint latest``:
 1. VAE (3 levels, 32 px <-> 8x8x4 latents), trained to reconstruct renders of every attribute
    combination; it only has to keep what the oracle reads. ``--vae_from`` reuses a trained one.
 2. UNet (epsilon prediction) on cached latents of train-prompt renders, with caption dropout for
-   classifier-free guidance. Text encoders are frozen and randomly initialised: that is enough to
-   tell the prompts apart.
+   classifier-free guidance. The small CLIP text encoder(s) start random and train with the UNet
+   (``--train_text_encoder false`` keeps them frozen: conditioning is then learned far slower).
 
 The result is saved with ``save_pretrained`` under ``<output_dir>/pipeline`` and evaluated with the
 oracle on the held-out test prompts (``<output_dir>/metrics.json``).
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from align.sampling import generate
+from align.text import sd_context, sdxl_context, sdxl_time_ids, tokenize
 from reward.runtime import (
     RunConfig,
     atomic_path,
@@ -61,12 +62,20 @@ class PretrainToyConfig(RunConfig):
     batch_size: int = field(default=64, metadata={"help": "UNet latents per step."})
     learning_rate: float = field(default=1e-3, metadata={"help": "UNet AdamW peak learning rate."})
     warmup_steps: int = field(default=100, metadata={"help": "Linear warmup, then cosine decay."})
+    train_text_encoder: bool = field(
+        default=True,
+        metadata={"help": "Train the text encoder(s) with the UNet (frozen during alignment)."},
+    )
     caption_dropout: float = field(
         default=0.1, metadata={"help": "Share of captions replaced by '' (for guidance)."}
     )
     unet_channels: list[int] = field(
         default_factory=lambda: [64, 128],
         metadata={"help": "UNet block widths (one per resolution level)."},
+    )
+    save_fp16: bool = field(
+        default=True,
+        metadata={"help": "Store UNet and VAE weights in fp16 (half the size; load as fp32)."},
     )
     eval_prompts: int = field(default=200, metadata={"help": "Held-out test prompts judged."})
     eval_steps: int = field(default=20, metadata={"help": "DDIM steps when sampling for eval."})
@@ -148,20 +157,25 @@ def text_components(family: str, folder: Path, seed: int) -> dict:
     return parts
 
 
-def encode_prompts(family: str, text: dict, prompts: list[str]) -> dict[str, torch.Tensor]:
-    """UNet conditioning for ``prompts``: ``encoder_hidden_states`` and, for SDXL, ``text_embeds``."""
-    from align.text import encode_sd, encode_sdxl
+class ToyDenoiser(torch.nn.Module):
+    """UNet plus text encoder(s) as one module, so the encoders can train with the UNet and a
+    single ``accelerator.prepare`` covers both. ``forward`` predicts the noise from token ids."""
 
-    if family == "sd":
-        return {
-            "encoder_hidden_states": encode_sd(text["tokenizer"], text["text_encoder"], prompts)
-        }
-    hidden, pooled = encode_sdxl(
-        (text["tokenizer"], text["tokenizer_2"]),
-        (text["text_encoder"], text["text_encoder_2"]),
-        prompts,
-    )
-    return {"encoder_hidden_states": hidden, "text_embeds": pooled}
+    def __init__(self, family: str, unet, text: dict):
+        super().__init__()
+        self.family, self.unet = family, unet
+        self.text_encoders = torch.nn.ModuleList(
+            [text["text_encoder"]] + ([text["text_encoder_2"]] if family == "sdxl" else [])
+        )
+        time_ids = sdxl_time_ids((IMAGE_SIZE, IMAGE_SIZE), (0, 0), (IMAGE_SIZE, IMAGE_SIZE))
+        self.register_buffer("time_ids", time_ids, persistent=False)
+
+    def forward(self, noisy, timesteps, ids):  # (B, 4, 8, 8), (B,), (B, 77) -> (B, 4, 8, 8)
+        if self.family == "sd":
+            return self.unet(noisy, timesteps, sd_context(self.text_encoders[0], ids)).sample
+        context, pooled = sdxl_context(self.text_encoders, [ids, ids])  # one shared tokenizer
+        added = {"text_embeds": pooled, "time_ids": self.time_ids.expand(len(noisy), 6)}
+        return self.unet(noisy, timesteps, context, added_cond_kwargs=added).sample
 
 
 def to_tensor(images) -> torch.Tensor:
@@ -287,23 +301,26 @@ def train(config: PretrainToyConfig) -> Path:
         train_prompts, len(train_prompts) * config.renders_per_prompt, config.seed + 1
     )
     latents = cache_latents(vae, images)  # (N, 4, 8, 8)
-    conditions = encode_prompts(config.family, text, [a.prompt for a in train_prompts] + [""])
+    token_ids = tokenize(text["tokenizer"], [a.prompt for a in train_prompts] + [""])  # (P+1, 77)
     prompt_index = torch.tensor(prompt_index)
     empty = len(train_prompts)  # index of the "" prompt, for caption dropout
 
     torch.manual_seed(config.seed)
-    unet = toy_unet(config.family, config.unet_channels)
+    model = ToyDenoiser(config.family, toy_unet(config.family, config.unet_channels), text)
+    model.requires_grad_(True)
+    if not config.train_text_encoder:
+        for encoder in model.text_encoders:
+            encoder.requires_grad_(False)
     noise_scheduler = DDPMScheduler.from_config(toy_scheduler().config)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=1e-2)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(config.warmup_steps, config.max_steps)
     )
-    unet, optimizer, scheduler = accelerator.prepare(unet, optimizer, scheduler)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     start = maybe_resume(accelerator, config)["step"]
-    time_ids = torch.tensor(
-        [IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE], dtype=torch.float32
-    )
     bar = progress_bar(accelerator, config.max_steps, start, desc=f"unet ({config.family})")
+    device = accelerator.device
     for step in range(start + 1, config.max_steps + 1):
         pick = torch.randint(len(latents), (config.batch_size,))
         which = prompt_index[pick]
@@ -312,20 +329,11 @@ def train(config: PretrainToyConfig) -> Path:
         noise = torch.randn_like(x0)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(x0),))
         noisy = noise_scheduler.add_noise(x0, noise, t)
-        kwargs = {"encoder_hidden_states": conditions["encoder_hidden_states"][which]}
-        if config.family == "sdxl":
-            kwargs["added_cond_kwargs"] = {
-                "text_embeds": conditions["text_embeds"][which],
-                "time_ids": time_ids.expand(len(x0), 6),
-            }
-        device = accelerator.device
-        pred = unet(
-            noisy.to(device), t.to(device), **{k: _to(v, device) for k, v in kwargs.items()}
-        ).sample
+        pred = model(noisy.to(device), t.to(device), token_ids[which].to(device))
         loss = F.mse_loss(pred.float(), noise.to(device))
         check_finite(loss, step)
         accelerator.backward(loss)
-        accelerator.clip_grad_norm_(unet.parameters(), 1.0)
+        accelerator.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
@@ -340,7 +348,11 @@ def train(config: PretrainToyConfig) -> Path:
 
     folder = out / "pipeline"
     if accelerator.is_main_process:
-        pipe = assemble_pipeline(config.family, accelerator.unwrap_model(unet), vae, text)
+        model = accelerator.unwrap_model(model)
+        pipe = assemble_pipeline(config.family, model.unet, vae, text)
+        if config.save_fp16:  # diffusers upcasts them to fp32 again on from_pretrained
+            pipe.unet.to(torch.float16)
+            pipe.vae.to(torch.float16)
         with atomic_path(folder) as tmp:
             pipe.save_pretrained(tmp)
         metrics = evaluate_base(
@@ -369,12 +381,6 @@ def load_toy_pipeline(folder: str | Path):
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.from_pretrained(folder)
-
-
-def _to(value, device):
-    if isinstance(value, dict):
-        return {k: v.to(device) for k, v in value.items()}
-    return value.to(device)
 
 
 def assemble_pipeline(family: str, unet, vae, text: dict):

@@ -1,5 +1,9 @@
-"""Prompt encoding for SD 1.x/2.x and SDXL, with frozen text encoders (always under no_grad:
-a graph kept through a frozen encoder breaks the second backward pass)."""
+"""Prompt encoding for SD 1.x/2.x and SDXL.
+
+``encode_sd`` / ``encode_sdxl`` run frozen text encoders under no_grad (a graph kept through a
+frozen encoder breaks the second backward pass). ``sd_context`` / ``sdxl_context`` are the same
+computation on token ids with gradients, for recipes that train a text encoder.
+"""
 
 from __future__ import annotations
 
@@ -17,26 +21,33 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
     ).input_ids
 
 
-@torch.no_grad()
-def encode_sd(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+def sd_context(text_encoder, ids: torch.Tensor) -> torch.Tensor:
     """SD 1.x/2.x context: the encoder's last hidden state, (B, 77, D)."""
-    ids = tokenize(tokenizer, prompts).to(text_encoder.device)
-    return text_encoder(ids)[0]
+    return text_encoder(ids.to(text_encoder.device))[0]
 
 
-@torch.no_grad()
-def encode_sdxl(tokenizers, text_encoders, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def sdxl_context(text_encoders, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL context and pooled embedding, as the SDXL pipeline builds them.
 
     Returns ``prompt_embeds`` (B, 77, D1 + D2): the penultimate hidden states of both encoders
     concatenated; and ``pooled`` (B, D2): the projected pooled output of the second encoder.
     """
     hidden, pooled = [], None
-    for tokenizer, encoder in zip(tokenizers, text_encoders):
-        out = encoder(tokenize(tokenizer, prompts).to(encoder.device), output_hidden_states=True)
+    for encoder, encoder_ids in zip(text_encoders, ids):
+        out = encoder(encoder_ids.to(encoder.device), output_hidden_states=True)
         hidden.append(out.hidden_states[-2])
         pooled = out[0]  # text_embeds of CLIPTextModelWithProjection (the last encoder)
     return torch.cat(hidden, dim=-1), pooled
+
+
+@torch.no_grad()
+def encode_sd(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    return sd_context(text_encoder, tokenize(tokenizer, prompts))
+
+
+@torch.no_grad()
+def encode_sdxl(tokenizers, text_encoders, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    return sdxl_context(text_encoders, [tokenize(t, prompts) for t in tokenizers])
 
 
 def sdxl_time_ids(

@@ -101,6 +101,42 @@ def _toy_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score(args: argparse.Namespace) -> int:
+    from PIL import Image, UnidentifiedImageError
+
+    from reward.pickscore import PickScore
+
+    images = []
+    for path in args.images:
+        try:
+            with Image.open(path) as image:
+                image.load()
+                images.append(image.copy())  # any mode: PickScore converts to RGB
+        except (OSError, UnidentifiedImageError) as error:
+            print(f"error: cannot read image {path}: {error}", file=sys.stderr)
+            return 1
+    scorer = PickScore.from_pretrained(args.model, args.processor)
+    scores = scorer.score(args.prompt, images)
+    probs = scores.softmax(dim=0)
+    width = max(len(p) for p in args.images)
+    print(f"{'image':{width}s}  {'score':>8s}  {'p(preferred)':>12s}")
+    for path, score, prob in zip(args.images, scores.tolist(), probs.tolist()):
+        print(f"{path:{width}s}  {score:8.3f}  {prob:12.3f}")
+    return 0
+
+
+def _reward_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from reward.evaluate import evaluate_reward
+    from reward.pickscore import PickScore
+
+    scorer = PickScore.from_pretrained(args.model, args.processor)
+    report = evaluate_reward(scorer, args.data, "skip" if args.skip_bad else "error")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from eval.demo import run_demo
 
@@ -160,6 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
     toy_eval.add_argument("--prompts", type=int, default=200, help="held-out prompts")
     toy_eval.add_argument("--seed", type=int, default=0, help="first seed (seed i+k for prompt k)")
     toy_eval.set_defaults(run=_toy_eval)
+
+    score = commands.add_parser("score", help="PickScore of images for one prompt")
+    score.add_argument("--model", required=True, help="reward folder or Hub id")
+    score.add_argument("--processor", help="processor folder or Hub id (default: the model's)")
+    score.add_argument("--prompt", required=True)
+    score.add_argument("images", nargs="+", help="image files")
+    score.set_defaults(run=_score)
+    reward_eval = commands.add_parser("reward-eval", help="preference accuracy of a reward")
+    reward_eval.add_argument("--model", required=True, help="reward folder or Hub id")
+    reward_eval.add_argument("--processor", help="processor folder or Hub id")
+    reward_eval.add_argument("--data", required=True, help="Pick-a-Pic Hub id or local folder")
+    reward_eval.add_argument("--skip-bad", action="store_true", help="skip and count bad rows")
+    reward_eval.set_defaults(run=_reward_eval)
 
     demo = commands.add_parser("demo", help="run the offline end-to-end demo")
     demo.add_argument("--out", default="outputs/demo")

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from reward.evaluate import bootstrap_interval
+
 
 @dataclass(frozen=True)
 class WinRate:
@@ -39,19 +41,6 @@ def outcomes(scores_a, scores_b) -> np.ndarray:
     if a.shape != b.shape or a.ndim != 1:
         raise ValueError(f"score lists must be 1-D and paired, got shapes {a.shape} and {b.shape}")
     return np.where(a > b, 1.0, np.where(a < b, 0.0, 0.5))
-
-
-def bootstrap_interval(
-    values, confidence: float = 0.95, resamples: int = 10_000, seed: int = 0
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``values``."""
-    values = np.asarray(values, dtype=float)
-    if values.size == 0:
-        raise ValueError("no values to bootstrap")
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, values.size, size=(resamples, values.size))].mean(axis=1)
-    tail = (1 - confidence) / 2
-    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
 
 def win_rate(

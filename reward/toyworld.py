@@ -4,8 +4,8 @@ draws them, and an oracle that reads any pixel image back into attributes and so
 
 Everything here is numpy and PIL. The oracle never sees render parameters: it finds the
 background colour on the image border, segments the object by colour distance, names colours by
-the nearest palette entry and the shape by the best-fitting template over the object's bounding
-box. It works on the renderer's images and on any model's samples alike.
+the nearest palette entry and the shape by the best-fitting template, scaled to the object's area
+and placed on its centroid. It works on the renderer's images and on any model's samples alike.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import product
 
 import numpy as np
@@ -75,7 +76,7 @@ def prompt_splits(seed: int = 0) -> dict[str, list[Attributes]]:
 
 # ----------------------------------------------------------------------------------------------
 # Shapes, shared by the renderer and the oracle's templates. Coordinates are in [-1, 1] over
-# the object's bounding box, y pointing down.
+# the shape's bounding box, y pointing down.
 
 
 def shape_mask(shape: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -143,17 +144,35 @@ def read_image(image: Image.Image) -> Attributes | None:
     return Attributes(colour, _fit_shape(mask), _nearest_colour(background_rgb))
 
 
+@lru_cache(maxsize=1)
+def _template_stats() -> dict[str, tuple[float, float, float]]:
+    """Per shape, in unit coordinates: area (as a share of the [-1, 1] box, times 4) and the
+    centroid (y, x), measured on a fine grid."""
+    grid = (np.arange(400) + 0.5) / 200 - 1
+    x, y = np.meshgrid(grid, grid)
+    stats = {}
+    for shape in SHAPES:
+        mask = shape_mask(shape, x, y)
+        stats[shape] = (mask.mean() * 4, y[mask].mean(), x[mask].mean())
+    return stats
+
+
 def _fit_shape(mask: np.ndarray) -> str:
+    """The shape whose template, scaled to the object's area and placed on its centroid,
+    overlaps the object best (IoU). Matching area and centroid rather than the bounding box keeps
+    blurred tips and corners, as a VAE or a model draws them, from skewing the fit."""
+    area = mask.sum()
     rows, cols = np.nonzero(mask)
-    top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
-    centre_y, centre_x = (top + bottom) / 2, (left + right) / 2
-    half_y, half_x = max((bottom - top) / 2, 1), max((right - left) / 2, 1)
+    centre_y, centre_x = rows.mean() + 0.5, cols.mean() + 0.5
     grid = np.arange(mask.shape[0]) + 0.5
     xx, yy = np.meshgrid(grid, grid)
-    x, y = (xx - centre_x) / half_x, (yy - centre_y) / half_y
 
     def iou(shape: str) -> float:
-        template = shape_mask(shape, x, y)
+        unit_area, mean_y, mean_x = _template_stats()[shape]
+        half = np.sqrt(area / unit_area)
+        template = shape_mask(
+            shape, (xx - centre_x) / half + mean_x, (yy - centre_y) / half + mean_y
+        )
         return (template & mask).sum() / max((template | mask).sum(), 1)
 
     return max(SHAPES, key=iou)

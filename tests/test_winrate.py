@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from eval.winrate import bootstrap_interval, outcomes, win_rate
+from eval.winrate import outcomes, win_rate
+from reward.evaluate import bootstrap_interval
 
 
 def test_ties_count_half():

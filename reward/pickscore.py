@@ -1,0 +1,231 @@
+"""PickScore: a CLIP model fine-tuned to predict which image a person prefers for a prompt.
+
+``PickScore.score`` is the model card's computation, batched: ``logit_scale.exp()`` times the
+cosine similarity of the prompt and image embeddings. ``probs`` is the softmax over one prompt's
+candidates. ``PickScore.differentiable`` preprocesses decoded image tensors on the device with
+differentiable ops, so its scores carry gradients back to the pixels (for gradient-based
+alignment).
+
+The released model is ``yuvalkirstain/PickScore_v1`` with the processor of
+``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``; any folder written by ``save_pretrained`` (as the
+reward recipe writes) loads the same way.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from reward.data import to_rgb
+
+PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
+PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+ImageLike = Image.Image | np.ndarray | torch.Tensor
+
+
+def _features(output) -> torch.Tensor:
+    """Projected embeddings from get_*_features: a tensor in transformers 4, an output object
+    whose ``pooler_output`` holds them in transformers 5."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def text_embeddings(model, input_ids, attention_mask=None) -> torch.Tensor:
+    """L2-normalised prompt embeddings, (B, D)."""
+    features = _features(
+        model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+    )
+    return F.normalize(features.float(), dim=-1)
+
+
+def image_embeddings(model, pixel_values) -> torch.Tensor:
+    """L2-normalised image embeddings, (B, D)."""
+    return F.normalize(
+        _features(model.get_image_features(pixel_values=pixel_values)).float(), dim=-1
+    )
+
+
+def to_pil(image: ImageLike) -> Image.Image:
+    """PIL, HWC uint8/float numpy, or CHW tensor in [0, 1] -> an RGB PIL image."""
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    array = image.detach().cpu().float().numpy() if isinstance(image, torch.Tensor) else image
+    if isinstance(image, torch.Tensor) and array.ndim == 3 and array.shape[0] in (1, 3, 4):
+        array = array.transpose(1, 2, 0)
+    if array.dtype != np.uint8:
+        array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    return to_rgb(Image.fromarray(array))
+
+
+def _bicubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
+    """PIL's bicubic kernel (a = -0.5; torch's bicubic uses -0.75)."""
+    x = np.abs(x)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return np.where(x < 1, near, np.where(x < 2, far, 0.0))
+
+
+@lru_cache(maxsize=64)
+def resize_weights(in_size: int, out_size: int) -> torch.Tensor:
+    """(out, in) matrix of PIL's antialiased bicubic resampling along one axis: downscaling
+    widens the kernel by the scale factor, so every input pixel contributes."""
+    scale = in_size / out_size
+    widen = max(scale, 1.0)
+    support = 2.0 * widen
+    weights = np.zeros((out_size, in_size))
+    for i in range(out_size):
+        centre = (i + 0.5) * scale
+        first = max(int(centre - support + 0.5), 0)
+        last = min(int(centre + support + 0.5), in_size)
+        taps = _bicubic((np.arange(first, last) - centre + 0.5) / widen)
+        weights[i, first:last] = taps / taps.sum()
+    return torch.from_numpy(weights).float()
+
+
+class PickScore:
+    """A preference reward: higher score = more likely to be preferred for the prompt."""
+
+    def __init__(
+        self, model, processor, device: str | torch.device | None = None, dtype=None, freeze=True
+    ):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # Half precision only where it pays off; on CPU bf16 autocast is opt-in via dtype.
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        if freeze:  # a reward is frozen; validation during training scores the live model
+            model = model.eval().requires_grad_(False)
+        self.model = model.to(self.device)
+        self.processor = processor
+        self.max_length = processor.tokenizer.model_max_length
+        self._warned_truncation = False
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | Path = PICKSCORE_MODEL,
+        processor: str | Path | None = None,
+        device=None,
+        dtype=None,
+    ) -> PickScore:
+        """Load from a Hub id or a local folder. The processor defaults to the model's own
+        folder when it has one, else to PickScore's (``laion/CLIP-ViT-H-14``)."""
+        from transformers import CLIPModel, CLIPProcessor
+
+        if processor is None:
+            local = Path(model)
+            has_own = (local / "preprocessor_config.json").exists() or (
+                local / "processor_config.json"
+            ).exists()
+            processor = model if has_own or str(model) != PICKSCORE_MODEL else PICKSCORE_PROCESSOR
+        return cls(
+            CLIPModel.from_pretrained(model, dtype=torch.float32),
+            CLIPProcessor.from_pretrained(processor),
+            device,
+            dtype,
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # batched scoring
+
+    def _autocast(self):
+        enabled = self.dtype in (torch.bfloat16, torch.float16)
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
+
+    def _tokens(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        tokens = self.processor.tokenizer(
+            list(prompts), padding=True, truncation=True, max_length=self.max_length,
+            return_tensors="pt",
+        )  # fmt: skip
+        if not self._warned_truncation:
+            lengths = self.processor.tokenizer(list(prompts), truncation=False).input_ids
+            if any(len(ids) > self.max_length for ids in lengths):
+                warnings.warn(
+                    f"a prompt is longer than {self.max_length} tokens; it was truncated",
+                    stacklevel=3,
+                )
+                self._warned_truncation = True
+        return {k: v.to(self.device) for k, v in tokens.items()}
+
+    @torch.inference_mode()
+    def embed_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        with self._autocast():
+            return text_embeddings(self.model, **self._tokens(prompts))
+
+    @torch.inference_mode()
+    def embed_images(self, images: Sequence[ImageLike], batch_size: int = 64) -> torch.Tensor:
+        chunks = []
+        for start in range(0, len(images), batch_size):
+            pils = [to_pil(image) for image in images[start : start + batch_size]]
+            pixels = self.processor.image_processor(images=pils, return_tensors="pt").pixel_values
+            with self._autocast():
+                chunks.append(image_embeddings(self.model, pixels.to(self.device)))
+        return torch.cat(chunks)
+
+    @torch.inference_mode()
+    def score(
+        self, prompts: str | Sequence[str], images: Sequence[ImageLike], batch_size: int = 64
+    ) -> torch.Tensor:
+        """Scores (N,) of ``images[i]`` for ``prompts[i]`` (or for the one prompt given).
+
+        Each distinct prompt is encoded once, however many images it scores; images go through
+        the vision tower in batches of ``batch_size``.
+        """
+        prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
+        unique = list(dict.fromkeys(prompts))
+        text = self.embed_prompts(unique)[[unique.index(p) for p in prompts]]
+        scale = self.model.logit_scale.exp().float()
+        return (scale * (text * self.embed_images(images, batch_size)).sum(-1)).cpu()
+
+    def probs(self, prompt: str, images: Sequence[ImageLike]) -> torch.Tensor:
+        """Probability (N,) that each candidate is the one preferred for ``prompt``."""
+        return self.score(prompt, images).softmax(dim=0)
+
+    # ------------------------------------------------------------------------------------------
+    # differentiable scoring
+
+    def preprocess_tensor(self, pixels: torch.Tensor, value_range=(-1.0, 1.0)) -> torch.Tensor:
+        """(B, 3, H, W) decoded images -> CLIP pixel values, with differentiable ops only:
+        bicubic antialiased resize of the short side (PIL's filter, as the processor uses),
+        centre crop, CLIP normalisation."""
+        low, high = value_range
+        pixels = (pixels.float() - low) / (high - low)  # -> [0, 1]
+        processor = self.processor.image_processor
+        size = processor.size["shortest_edge"]
+        crop_h, crop_w = processor.crop_size["height"], processor.crop_size["width"]
+        height, width = pixels.shape[-2:]
+        if height <= width:  # the processor's output size: short side = size, long side floored
+            new_h, new_w = size, int(size * width / height)
+        else:
+            new_h, new_w = int(size * height / width), size
+        rows = resize_weights(height, new_h).to(pixels.device)  # (new_h, H)
+        cols = resize_weights(width, new_w).to(pixels.device)  # (new_w, W)
+        pixels = rows @ pixels @ cols.T  # (B, 3, new_h, new_w)
+        top, left = (new_h - crop_h) // 2, (new_w - crop_w) // 2
+        pixels = pixels[..., top : top + crop_h, left : left + crop_w]
+        mean = torch.tensor(processor.image_mean, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(processor.image_std, device=pixels.device).view(1, 3, 1, 1)
+        return (pixels - mean) / std
+
+    def differentiable(
+        self, prompts: str | Sequence[str], pixels: torch.Tensor, value_range=(-1.0, 1.0)
+    ) -> torch.Tensor:
+        """Scores (B,) of decoded image tensors that carry gradients back to ``pixels``."""
+        prompts = [prompts] * len(pixels) if isinstance(prompts, str) else list(prompts)
+        with torch.no_grad():
+            unique = list(dict.fromkeys(prompts))
+            with self._autocast():
+                text = text_embeddings(self.model, **self._tokens(unique))
+            text = text[[unique.index(p) for p in prompts]]
+        values = self.preprocess_tensor(pixels.to(self.device), value_range)
+        with self._autocast():
+            images = image_embeddings(self.model, values)
+        return self.model.logit_scale.exp().float() * (text * images).sum(-1)
