@@ -73,12 +73,24 @@ class PretrainToyConfig(RunConfig):
         default_factory=lambda: [64, 128],
         metadata={"help": "UNet block widths (one per resolution level)."},
     )
+    target_adherence: float = field(
+        default=0.0,
+        metadata={
+            "help": "Stop once this share of validation prompts gets every attribute right "
+            "(0: train all max_steps). Builds a deliberately imperfect base."
+        },
+    )
+    adherence_check_steps: int = field(
+        default=50, metadata={"help": "Check validation adherence every N steps (after warmup)."}
+    )
     save_fp16: bool = field(
         default=True,
         metadata={"help": "Store UNet and VAE weights in fp16 (half the size; load as fp32)."},
     )
     eval_prompts: int = field(default=200, metadata={"help": "Held-out test prompts judged."})
-    eval_steps: int = field(default=20, metadata={"help": "DDIM steps when sampling for eval."})
+    eval_sampling_steps: int = field(
+        default=20, metadata={"help": "DDIM steps when sampling for the final eval."}
+    )
     guidance_scale: float = field(default=5.0, metadata={"help": "CFG scale when sampling."})
 
 
@@ -321,6 +333,7 @@ def train(config: PretrainToyConfig) -> Path:
     start = maybe_resume(accelerator, config)["step"]
     bar = progress_bar(accelerator, config.max_steps, start, desc=f"unet ({config.family})")
     device = accelerator.device
+    step = start
     for step in range(start + 1, config.max_steps + 1):
         pick = torch.randint(len(latents), (config.batch_size,))
         which = prompt_index[pick]
@@ -343,6 +356,18 @@ def train(config: PretrainToyConfig) -> Path:
             accelerator.log({"unet/loss": loss.item(), "lr": scheduler.get_last_lr()[0]}, step=step)
         if config.checkpointing_steps and step % config.checkpointing_steps == 0:
             save_checkpoint(accelerator, config, step)
+        if (
+            config.target_adherence
+            and step > config.warmup_steps
+            and step % config.adherence_check_steps == 0
+        ):
+            reached = validation_adherence(accelerator.unwrap_model(model), vae, text, config)
+            accelerator.log({"val/all_correct": reached}, step=step)
+            bar.set_postfix(loss=f"{loss.item():.4f}", val_all_correct=f"{reached:.2f}")
+            if reached >= config.target_adherence:
+                accelerator.print(f"validation adherence {reached:.2f} at step {step}: stopping")
+                save_checkpoint(accelerator, config, step)
+                break
     bar.close()
     minutes = (time.time() - started) / 60
 
@@ -356,13 +381,30 @@ def train(config: PretrainToyConfig) -> Path:
         with atomic_path(folder) as tmp:
             pipe.save_pretrained(tmp)
         metrics = evaluate_base(
-            folder, config.eval_prompts, config.eval_steps, config.guidance_scale
+            folder, config.eval_prompts, config.eval_sampling_steps, config.guidance_scale
         )
         metrics["train_minutes"] = round(minutes, 1)
+        metrics["steps"] = step
         atomic_write_json(out / "metrics.json", metrics)
         accelerator.print(f"pipeline: {folder}\nmetrics: {metrics}")
     accelerator.end_training()
     return folder
+
+
+@torch.no_grad()
+def validation_adherence(model: ToyDenoiser, vae, text: dict, config: PretrainToyConfig) -> float:
+    """Share of the 50 validation prompts (seed i for prompt i) with every attribute right."""
+    from reward.toyworld import adherence, judge
+
+    model.eval()
+    pipe = assemble_pipeline(config.family, model.unet, vae, text)
+    prompts = prompt_splits()["validation"]
+    images = generate(
+        pipe, [a.prompt for a in prompts], list(range(len(prompts))),
+        config.eval_sampling_steps, config.guidance_scale,
+    )  # fmt: skip
+    model.train()
+    return adherence([judge(a, image) for a, image in zip(prompts, images)])["all_correct"]
 
 
 def evaluate_base(folder: Path, prompts: int, steps: int, guidance_scale: float) -> dict:

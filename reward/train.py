@@ -72,6 +72,8 @@ class RewardConfig(RunConfig):
     eval_steps: int = field(default=500, metadata={"help": "Validate every N steps (0: never)."})
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
     image_size: int = field(default=32, metadata={"help": "Image size of a from-scratch CLIP."})
+    scratch_width: int = field(default=64, metadata={"help": "Width of a from-scratch CLIP."})
+    scratch_layers: int = field(default=3, metadata={"help": "Layers per tower, from scratch."})
 
 
 class PairDataset(torch.utils.data.Dataset):
@@ -203,7 +205,11 @@ def load_model(config: RewardConfig):
 
         folder = Path(config.output_dir) / "init"
         if not (folder / "config.json").exists():
-            build_tiny_clip(folder, image_size=config.image_size, seed=config.seed)
+            build_tiny_clip(
+                folder, image_size=config.image_size, seed=config.seed,
+                width=config.scratch_width, layers=config.scratch_layers,
+                projection=config.scratch_width,
+            )  # fmt: skip
         return CLIPModel.from_pretrained(folder), CLIPProcessor.from_pretrained(folder)
     return CLIPModel.from_pretrained(config.model), CLIPProcessor.from_pretrained(config.model)
 
