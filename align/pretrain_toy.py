@@ -142,18 +142,11 @@ def toy_unet(family: str, channels: list[int]):
 
 
 def toy_scheduler():
-    from diffusers import DDIMScheduler
+    """DDIM with "leading" spacing and steps_offset=1: sampling never starts at a signal-free
+    timestep. The same scheduler as the tiny test pipelines."""
+    from align.tiny import tiny_scheduler
 
-    # "leading" spacing with steps_offset=1: sampling never starts at a signal-free timestep.
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        timestep_spacing="leading",
-    )
+    return tiny_scheduler()
 
 
 def text_components(family: str, folder: Path, seed: int) -> dict:
