@@ -4,6 +4,7 @@ one set over another on the same prompts and seeds."""
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -16,12 +17,14 @@ def oracle_compare(
     prompts: list[str], images_a: list[Image.Image], images_b: list[Image.Image], seed: int = 0
 ) -> dict:
     """Win rate of A over B by the oracle's attribute counts (ties 0.5), with a bootstrap 95%
-    interval, and each set's adherence. ``images_a[i]`` and ``images_b[i]`` answer ``prompts[i]``."""
+    interval (resampling prompts, so several seeds of one prompt count as one draw), and each
+    set's adherence. ``images_a[i]`` and ``images_b[i]`` answer ``prompts[i]``."""
     if not len(prompts) == len(images_a) == len(images_b):
         raise ValueError(f"{len(prompts)} prompts, {len(images_a)} and {len(images_b)} images")
     verdicts_a = [judge(p, image) for p, image in zip(prompts, images_a)]
     verdicts_b = [judge(p, image) for p, image in zip(prompts, images_b)]
-    rate = win_rate([v.score for v in verdicts_a], [v.score for v in verdicts_b], seed=seed)
+    rate = win_rate([v.score for v in verdicts_a], [v.score for v in verdicts_b], seed=seed,
+                    groups=prompts)  # fmt: skip
     return {"win_rate": rate, "a": adherence(verdicts_a), "b": adherence(verdicts_b)}
 
 
@@ -50,3 +53,73 @@ def oracle_accuracy(renders: int = 1000, seed: int = 0, transform=None) -> dict:
         **{name: count / renders for name, count in per_attribute.items()},
         "confusions": dict(confusions.most_common(5)),
     }
+
+
+def aligned_vs_base(
+    base: str | Path,
+    aligned: str | Path,
+    prompts: int = 200,
+    seeds_per_prompt: int = 1,
+    steps: int = 20,
+    guidance_scale: float = 5.0,
+) -> dict:
+    """Oracle win rate of an aligned model over its base on held-out toy prompts, same seeds.
+
+    ``aligned`` is a folder with ``pytorch_lora_weights.safetensors`` (loaded with
+    ``align.lora.load_lora``) or a ``unet`` subfolder (full fine-tuning). Prompt k of the test
+    split is sampled with seeds k * seeds_per_prompt + j for both models.
+    """
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+
+    from align.lora import WEIGHT_NAME, load_lora
+    from align.sampling import generate
+    from reward.toyworld import prompt_splits
+
+    test = prompt_splits()["test"][:prompts]
+    texts = [a.prompt for a in test for _ in range(seeds_per_prompt)]
+    seeds = list(range(len(texts)))
+    pipe = DiffusionPipeline.from_pretrained(base)
+    base_images = generate(pipe, texts, seeds, steps, guidance_scale, progress=True)
+    aligned = Path(aligned)
+    if (aligned / WEIGHT_NAME).exists():
+        load_lora(pipe, aligned)
+    else:
+        pipe.unet = UNet2DConditionModel.from_pretrained(aligned / "unet")
+    aligned_images = generate(pipe, texts, seeds, steps, guidance_scale, progress=True)
+    result = oracle_compare(texts, aligned_images, base_images)
+    return {
+        "win_rate": result["win_rate"].as_dict(),
+        "aligned": result["a"],
+        "base": result["b"],
+        "prompts": len(test),
+        "seeds_per_prompt": seeds_per_prompt,
+        "sampling": {"steps": steps, "guidance_scale": guidance_scale},
+    }
+
+
+def judge_toy_run(config, final: str | Path) -> dict | None:
+    """After a toy alignment run: when ``config.toy_eval_prompts`` is set, judge the aligned model
+    against its base (``config.model``) on the main process, print the win rate and add it to the
+    run's ``metrics.json`` and model card."""
+    import json
+    import os
+
+    if not getattr(config, "toy_eval_prompts", 0) or int(os.environ.get("RANK", "0")) != 0:
+        return None
+    final = Path(final)
+    report = aligned_vs_base(config.model, final, config.toy_eval_prompts, config.toy_eval_seeds,
+                             config.sample_steps, config.guidance_scale)  # fmt: skip
+    metrics_path = final / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    metrics["toy_eval"] = report
+    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    rate = report["win_rate"]
+    line = (f"- toy world: oracle win rate over the base {rate['estimate']:.3f} "
+            f"[95% CI {rate['low']:.3f}, {rate['high']:.3f}] on {report['prompts']} held-out prompts"
+            f" x {report['seeds_per_prompt']} seeds; all attributes right "
+            f"{report['base']['all_correct']:.3f} -> {report['aligned']['all_correct']:.3f}")  # fmt: skip
+    card = final / "README.md"
+    if card.exists():
+        card.write_text(card.read_text() + line + "\n")
+    print(line[2:])
+    return report

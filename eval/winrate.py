@@ -44,11 +44,19 @@ def outcomes(scores_a, scores_b) -> np.ndarray:
 
 
 def win_rate(
-    scores_a, scores_b, confidence: float = 0.95, resamples: int = 10_000, seed: int = 0
+    scores_a, scores_b, confidence: float = 0.95, resamples: int = 10_000, seed: int = 0,
+    groups=None,
 ) -> WinRate:
-    """Win rate of A over B (ties count 0.5) with a bootstrap interval."""
+    """Win rate of A over B (ties count 0.5) with a bootstrap interval.
+
+    ``groups`` (one label per item, e.g. the prompt when each prompt has several seeds) makes the
+    bootstrap resample whole groups, so correlated items do not narrow the interval.
+    """
     result = outcomes(scores_a, scores_b)
-    low, high = bootstrap_interval(result, confidence, resamples, seed)
+    if groups is None:
+        low, high = bootstrap_interval(result, confidence, resamples, seed)
+    else:
+        low, high = grouped_bootstrap_interval(result, groups, confidence, resamples, seed)
     return WinRate(
         estimate=float(result.mean()),
         low=low,
@@ -59,3 +67,20 @@ def win_rate(
         losses=int((result == 0).sum()),
         confidence=confidence,
     )
+
+
+def grouped_bootstrap_interval(
+    values, groups, confidence: float = 0.95, resamples: int = 10_000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values``, resampling whole groups."""
+    values = np.asarray(values, dtype=float)
+    _, index = np.unique(np.asarray(groups), return_inverse=True)
+    if index.size != values.size:
+        raise ValueError(f"{values.size} values but {index.size} group labels")
+    sums = np.bincount(index, weights=values)
+    counts = np.bincount(index).astype(float)
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, sums.size, size=(resamples, sums.size))
+    means = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)
+    tail = (1 - confidence) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))

@@ -224,6 +224,23 @@ def check_finite(loss: torch.Tensor, step: int) -> None:
         )
 
 
+class EpochSampler(torch.utils.data.Sampler):
+    """A shuffle fixed by (seed, epoch), so a resumed run sees exactly the same order."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 
@@ -239,11 +256,14 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
-def save_checkpoint(accelerator, config: RunConfig, step: int, **state: Any) -> Path:
+def save_checkpoint(
+    accelerator, config: RunConfig, step: int, extra_files=None, **state: Any
+) -> Path:
     """Save everything needed to resume (models, optimizers, schedulers, RNG states, ``state``).
 
-    The folder appears under its final name only once complete; older ones beyond
-    ``checkpoints_total_limit`` are deleted.
+    ``extra_files(folder)``, when given, runs on the main process to add files (e.g. a LoRA in
+    its release format) before the checkpoint is committed. The folder appears under its final
+    name only once complete; older ones beyond ``checkpoints_total_limit`` are deleted.
     """
     root = checkpoint_root(config.output_dir)
     final = root / f"{CHECKPOINT_PREFIX}{step}"
@@ -255,6 +275,8 @@ def save_checkpoint(accelerator, config: RunConfig, step: int, **state: Any) -> 
     accelerator.save_state(str(staging))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if extra_files is not None:
+            extra_files(staging)
         atomic_write_json(staging / STATE_FILE, {"step": step, **state})
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)

@@ -27,6 +27,7 @@ from reward.evaluate import accuracy_report, evaluate_reward, pair_probabilities
 from reward.losses import in_batch_negatives_loss, preference_loss
 from reward.pickscore import PickScore, image_embeddings, text_embeddings
 from reward.runtime import (
+    EpochSampler,
     RunConfig,
     atomic_path,
     atomic_write_json,
@@ -178,23 +179,6 @@ def batch_loss(model, batch, in_batch_negatives: bool = False) -> torch.Tensor:
         )
     scores = scale * torch.einsum("bd,bkd->bk", text, images)  # (B, 2)
     return preference_loss(scores[:, 0], scores[:, 1], labels[:, 0], labels[:, 1], weights)
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """A shuffle fixed by (seed, epoch), so a resumed run sees exactly the same order."""
-
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.size
 
 
 def load_model(config: RewardConfig):

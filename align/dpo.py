@@ -1,0 +1,492 @@
+"""Diffusion-DPO (Wallace et al. 2023) for SD 1.x/2.x and SDXL UNets on Pick-a-Pic pairs.
+
+Winner and loser of a pair are noised with the same noise at the same timestep; the loss
+(``align.losses.diffusion_dpo_loss``) compares how much better the policy denoises the winner than
+the loser, relative to a frozen reference. Two modes:
+
+- ``lora`` (default): the reference is the same UNet with its adapters switched off, so no second
+  UNet sits in memory; the output is a diffusers-format LoRA.
+- ``full``: the whole UNet trains against a frozen copy (optionally kept on the CPU between
+  uses); the output is a diffusers UNet folder.
+
+With ``cache_dir`` the VAE latents and prompt embeddings are computed once (``align.pairs``) and a
+training step touches only the UNet. Runs through ``accelerate launch`` on one or many GPUs, with
+DDP or DeepSpeed (ZeRO-2 for LoRA, ZeRO-3 for full fine-tuning), and resumes with
+``--resume_from_checkpoint latest``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from align.lora import DEFAULT_TARGETS, adapters_disabled, add_lora, lora_parameters, save_lora
+from align.losses import diffusion_dpo_loss, per_sample_mse, prediction_target
+from align.models import Conditioning, load_parts, unet_forward
+from align.pairs import CachedPairs, PreferencePairs, build_cache, collate_pairs
+from reward.data import PairFilter, load_pickapic
+from reward.runtime import (
+    EpochSampler,
+    RunConfig,
+    atomic_path,
+    atomic_write_json,
+    check_finite,
+    make_accelerator,
+    maybe_resume,
+    progress_bar,
+    save_checkpoint,
+    seed_everything,
+    write_config,
+)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class DPOConfig(RunConfig):
+    model: str = field(
+        default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        metadata={"help": "Base pipeline to align: a Hub id or a local folder."},
+    )
+    vae: str | None = field(
+        default=None, metadata={"help": "Another VAE, e.g. madebyollin/sdxl-vae-fp16-fix."}
+    )
+    vae_dtype: str = field(default="fp32", metadata={"help": "VAE precision: fp32, bf16, fp16."})
+    revision: str | None = field(default=None, metadata={"help": "Hub revision of the model."})
+    variant: str | None = field(default=None, metadata={"help": "Weight variant, e.g. 'fp16'."})
+    dataset: str = field(
+        default="yuvalkirstain/pickapic_v2", metadata={"help": "Pick-a-Pic Hub id or local folder."}
+    )
+    split: str = field(default="train", metadata={"help": "Dataset split to train on."})
+    keep_ties: bool = field(
+        default=False, metadata={"help": "Train on ties too (target 0.5 instead of a winner)."}
+    )
+    skip_bad_rows: bool = field(
+        default=False, metadata={"help": "Skip and count bad rows instead of stopping."}
+    )
+    max_pairs: int | None = field(
+        default=None, metadata={"help": "Use only the first N usable pairs."}
+    )
+    resolution: int = field(default=512, metadata={"help": "Training resolution (square)."})
+    random_crop: bool = field(default=False, metadata={"help": "Random instead of centre crop."})
+    random_flip: bool = field(default=False, metadata={"help": "Flip half the pairs."})
+    caption_dropout: float = field(
+        default=0.0, metadata={"help": "Share of pairs trained with the empty prompt."}
+    )
+    loss: str = field(default="dpo", metadata={"help": "'dpo', or 'sft' (MSE on winners only)."})
+    beta: float = field(default=5000.0, metadata={"help": "Diffusion-DPO beta."})
+    mode: str = field(default="lora", metadata={"help": "'lora' or 'full' UNet fine-tuning."})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: rank)."})
+    lora_targets: list[str] = field(
+        default_factory=lambda: list(DEFAULT_TARGETS),
+        metadata={"help": "UNet module names that get LoRA adapters."},
+    )
+    reference_offload: bool = field(
+        default=False, metadata={"help": "Full mode: keep the reference UNet on the CPU between uses."}
+    )
+    batch_size: int = field(default=1, metadata={"help": "Pairs per process per micro-batch."})
+    pairs_per_step: int | None = field(
+        default=None,
+        metadata={"help": "Pairs per optimizer step over all processes; sets the accumulation."},
+    )
+    learning_rate: float = field(default=1e-8, metadata={"help": "Learning rate."})
+    scale_lr: bool = field(
+        default=False, metadata={"help": "Multiply the learning rate by the pairs per step."}
+    )
+    lr_scheduler: str = field(
+        default="constant_with_warmup", metadata={"help": "A diffusers scheduler name."}
+    )
+    warmup_steps: int = field(default=500, metadata={"help": "Learning-rate warmup steps."})
+    optimizer: str = field(
+        default="adamw", metadata={"help": "'adamw', 'adamw_8bit' or 'adafactor'."}
+    )
+    weight_decay: float = field(default=1e-2, metadata={"help": "Weight decay."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory."})
+    cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Precompute VAE latents and prompt embeddings here once (resumable)."},
+    )
+    cache_shard_size: int = field(default=1024, metadata={"help": "Pairs per cache shard."})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    toy_eval_prompts: int = field(
+        default=0,
+        metadata={"help": "Toy world: judge aligned vs base on this many held-out prompts at the end."},
+    )
+    toy_eval_seeds: int = field(default=1, metadata={"help": "Toy world: seeds per prompt."})
+    sample_steps: int = field(default=20, metadata={"help": "Sampling steps of the evaluation."})
+    guidance_scale: float = field(default=5.0, metadata={"help": "Guidance of the evaluation."})
+
+
+# ----------------------------------------------------------------------------------------------
+# One step, shared by every mode
+
+
+def pair_step(unet, reference, scheduler, latents, cond: Conditioning, time_ids, *,
+              beta: float, loss_type: str = "dpo", labels=None, generator=None) -> dict:  # fmt: skip
+    """Diffusion-DPO loss of a batch of pairs.
+
+    ``latents`` (B, 2, C, h, w) winner first; ``cond`` per pair; ``time_ids`` (B, 2, 6) or None;
+    ``reference(noisy, t, cond, time_ids)`` gives the reference prediction. Winner and loser
+    share noise and timestep, drawn from ``generator`` (a CPU generator) when given. Returns the
+    loss and the logged figures.
+    """
+    b, device = latents.shape[0], latents.device
+    both = latents.transpose(0, 1).flatten(0, 1)  # (2B, ...): winners, then losers
+    noise = torch.randn(latents[:, 0].shape, generator=generator).to(device, latents.dtype)
+    noise = noise.repeat(2, 1, 1, 1)
+    steps = scheduler.config.num_train_timesteps
+    t = torch.randint(0, steps, (b,), generator=generator).to(device).repeat(2)
+    noisy = scheduler.add_noise(both, noise, t)
+    target = prediction_target(scheduler, both, noise, t)
+    cond2 = Conditioning(cond.context.repeat(2, 1, 1),
+                        None if cond.pooled is None else cond.pooled.repeat(2, 1))  # fmt: skip
+    ids = None if time_ids is None else time_ids.transpose(0, 1).flatten(0, 1)
+    mse_w, mse_l = per_sample_mse(unet_forward(unet, noisy, t, cond2, ids), target).chunk(2)
+    if loss_type == "sft":
+        return {"loss": mse_w.mean(), "mse_winner": mse_w.detach().mean()}
+    with torch.no_grad():
+        ref_w, ref_l = per_sample_mse(reference(noisy, t, cond2, ids), target).chunk(2)
+    terms = diffusion_dpo_loss(mse_w, mse_l, ref_w, ref_l, beta, labels)
+    return {
+        "loss": terms.loss,
+        "implicit_accuracy": terms.implicit_accuracy,
+        "model_diff": terms.model_diff.mean(),
+        "reference_diff": terms.reference_diff.mean(),
+        "mse_winner": mse_w.detach().mean(),
+    }
+
+
+def lora_reference(accelerator, unet):
+    """The adapter-free UNet as the reference (same weights, no second copy)."""
+
+    def reference(noisy, t, cond, time_ids):
+        inner = accelerator.unwrap_model(unet)
+        with adapters_disabled(inner), accelerator.autocast():
+            return unet_forward(inner, noisy, t, cond, time_ids)
+
+    return reference
+
+
+def frozen_reference(accelerator, copy_unet, offload: bool):
+    """A frozen copy of the initial UNet as the reference, optionally parked on the CPU."""
+    device = accelerator.device
+
+    def reference(noisy, t, cond, time_ids):
+        if offload:
+            copy_unet.to(device)
+        try:
+            with accelerator.autocast():
+                return unet_forward(copy_unet, noisy, t, cond, time_ids)
+        finally:
+            if offload:
+                copy_unet.to("cpu")
+
+    return reference
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup
+
+
+def resolve_accumulation(config: DPOConfig) -> None:
+    """Turn ``pairs_per_step`` into gradient accumulation for this launch's world size."""
+    if not config.pairs_per_step:
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_micro = config.batch_size * world
+    if config.pairs_per_step % per_micro:
+        raise ValueError(
+            f"pairs_per_step {config.pairs_per_step} is not a multiple of batch_size "
+            f"{config.batch_size} x {world} processes"
+        )
+    config.gradient_accumulation_steps = config.pairs_per_step // per_micro
+
+
+def make_optimizer(parameters, config: DPOConfig):
+    parameters = list(parameters)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(parameters, lr=config.learning_rate,
+                                   weight_decay=config.weight_decay)  # fmt: skip
+    if config.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(parameters, lr=config.learning_rate, weight_decay=config.weight_decay,
+                         relative_step=False, scale_parameter=False, warmup_init=False)  # fmt: skip
+    raise ValueError(f"optimizer must be adamw, adamw_8bit or adafactor, got {config.optimizer!r}")
+
+
+def make_dataset(config: DPOConfig, parts, accelerator):
+    """Raw pairs, or the precompute cache (built on the main process first if missing)."""
+    rows = load_pickapic(config.dataset, config.split, streaming=False)
+    pairs = PreferencePairs(
+        rows, config.resolution, PairFilter(keep_ties=config.keep_ties), config.skip_bad_rows,
+        config.random_crop, config.random_flip, config.seed,
+    )  # fmt: skip
+    if config.max_pairs:
+        pairs.index = pairs.index[: config.max_pairs]
+    if not config.cache_dir:
+        return pairs
+    if accelerator.is_main_process:
+        parts.to(accelerator.device)
+        describe = {"model": config.model, "vae": config.vae, "dataset": config.dataset,
+                    "split": config.split, "resolution": config.resolution,
+                    "random_crop": config.random_crop, "random_flip": config.random_flip,
+                    "keep_ties": config.keep_ties, "max_pairs": config.max_pairs}  # fmt: skip
+        build_cache(parts, pairs, config.cache_dir, config.cache_shard_size,
+                    describe=describe, progress=accelerator.is_local_main_process)  # fmt: skip
+    accelerator.wait_for_everyone()
+    return CachedPairs(config.cache_dir)
+
+
+def check_config(config: DPOConfig, family: str) -> None:
+    choices = {"mode": ("lora", "full"), "loss": ("dpo", "sft"), "vae_dtype": tuple(DTYPES)}
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {getattr(config, name)!r}")
+    if not 0 <= config.caption_dropout < 1:
+        raise ValueError(f"caption_dropout must be in [0, 1), got {config.caption_dropout}")
+    if family not in ("sd", "sdxl"):
+        raise ValueError(f"family must be 'sd' or 'sdxl', got {family!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def train(config: DPOConfig, family: str) -> Path:
+    """Train; write ``<output_dir>/final`` (LoRA or UNet, model card, metrics). Returns it."""
+    from diffusers.optimization import get_scheduler
+
+    check_config(config, family)
+    started = time.time()
+    resolve_accumulation(config)
+    accelerator = make_accelerator(config, micro_batch_size=config.batch_size, project=f"dpo_{family}")
+    out = Path(config.output_dir)
+    if accelerator.is_main_process:
+        write_config(config, out)
+    seed_everything(config.seed, accelerator)
+    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        accelerator.mixed_precision, torch.float32
+    )
+    parts = load_parts(config.model, family, config.vae, config.revision, config.variant,
+                       vae_dtype=DTYPES[config.vae_dtype])  # fmt: skip
+    unet = parts.unet
+    reference_unet = None
+    if config.mode == "lora":
+        if weight_dtype != torch.float32:  # frozen base weights in half precision
+            unet.to(dtype=weight_dtype)
+        unet.to(accelerator.device)
+        add_lora(unet, config.lora_rank, config.lora_alpha, config.lora_targets)
+        trainable = lora_parameters(unet)
+    else:
+        reference_unet = copy.deepcopy(unet).requires_grad_(False).eval()
+        reference_unet.to("cpu" if config.reference_offload else accelerator.device, weight_dtype)
+        trainable = list(unet.parameters())
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+
+    dataset = make_dataset(config, parts, accelerator)
+    cached = isinstance(dataset, CachedPairs)
+    if cached:
+        empty = {k: v.to(accelerator.device) for k, v in dataset.empty_prompt().items()}
+        empty = Conditioning(empty["context"], empty.get("pooled"))
+        del parts.vae, parts.text_encoders  # a cached step touches only the UNet
+    else:
+        parts.to(accelerator.device, text_dtype=weight_dtype)
+        empty = parts.encode_prompts([""])
+    if len(dataset) < config.batch_size:
+        raise ValueError(f"{len(dataset)} usable pairs is less than one batch of {config.batch_size}")
+    sampler = EpochSampler(len(dataset), config.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=config.batch_size, sampler=sampler, drop_last=True,
+        collate_fn=collate_pairs, num_workers=config.num_workers,
+    )  # fmt: skip
+    if config.scale_lr:
+        config.learning_rate *= (
+            config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+        )
+    optimizer = make_optimizer(trainable, config)
+    scheduler = get_scheduler(
+        config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps * accelerator.num_processes,
+        num_training_steps=config.max_steps * accelerator.num_processes,
+    )  # fmt: skip
+    unet, optimizer, loader, scheduler = accelerator.prepare(unet, optimizer, loader, scheduler)
+    if config.mode == "lora":
+        reference = lora_reference(accelerator, unet)
+    else:
+        reference = frozen_reference(accelerator, reference_unet, config.reference_offload)
+
+    state = maybe_resume(accelerator, config)
+    step = state["step"]
+    steps_per_epoch = len(loader) // config.gradient_accumulation_steps
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{len(dataset)} pairs do not fill one optimizer step of "
+            f"{config.batch_size * config.gradient_accumulation_steps} pairs per process"
+        )
+    noise_scheduler = parts.noise_scheduler
+    bar = progress_bar(accelerator, config.max_steps, step, desc=f"dpo {family}")
+    skipped, logs, micro = 0, {}, 0
+    while step < config.max_steps:
+        epoch, done_in_epoch = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(
+            loader, done_in_epoch * config.gradient_accumulation_steps
+        )
+        for batch in batches:
+            if batch is None:
+                skipped += 1
+                continue
+            latents, cond, time_ids = batch_inputs(batch, parts, cached, accelerator.device)
+            # Randomness from (seed, step, micro-batch, rank): a resumed run draws the same.
+            generator = torch.Generator().manual_seed(
+                hash((config.seed, step, micro, accelerator.process_index)) % 2**63
+            )
+            micro = (micro + 1) % config.gradient_accumulation_steps
+            cond = drop_captions(cond, empty, config.caption_dropout, generator)
+            if family == "sd":
+                time_ids = None
+            with accelerator.accumulate(unet):
+                figures = pair_step(
+                    unet, reference, noise_scheduler, latents, cond, time_ids,
+                    beta=config.beta, loss_type=config.loss, labels=batch.get("labels"),
+                    generator=generator,
+                )  # fmt: skip
+                loss = figures["loss"]
+                check_finite(loss, step + 1)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            bar.update(1)
+            logs = {f"train/{k}": accelerator.reduce(v.detach().float(), "mean").item()
+                    for k, v in figures.items()}  # fmt: skip
+            logs["train/lr"] = scheduler.get_last_lr()[0]
+            bar.set_postfix(loss=f"{logs['train/loss']:.4f}",
+                            acc=f"{logs.get('train/implicit_accuracy', float('nan')):.2f}")  # fmt: skip
+            if accelerator.is_main_process:
+                with open(out / "log.jsonl", "a") as log:
+                    log.write(json.dumps({"step": step, **logs}) + "\n")
+            if step % config.logging_steps == 0 or step == config.max_steps:
+                accelerator.log(logs, step=step)
+            if config.checkpointing_steps and step % config.checkpointing_steps == 0:
+                save_checkpoint(accelerator, config, step,
+                                extra_files=release_writer(accelerator, unet, config, family))  # fmt: skip
+            if step >= config.max_steps:
+                break
+    bar.close()
+    accelerator.wait_for_everyone()
+    final = out / "final"
+    metrics = {
+        "steps": step, "train_minutes": round((time.time() - started) / 60, 2),
+        "world_size": accelerator.num_processes, "skipped_batches": skipped,
+        "distributed_type": accelerator.distributed_type.value,
+        "final_loss": logs.get("train/loss"),
+        "final_implicit_accuracy": logs.get("train/implicit_accuracy"),
+    }  # fmt: skip
+    writer = release_writer(accelerator, unet, config, family)
+    if accelerator.is_main_process:
+        with atomic_path(final) as tmp:
+            writer(tmp)
+            atomic_write_json(tmp / "metrics.json", metrics)
+            (tmp / "README.md").write_text(model_card(config, family, metrics))
+        accelerator.print(f"aligned {family.upper()} {config.mode}: {final}\n{metrics}")
+    accelerator.end_training()
+    return final
+
+
+def batch_inputs(batch, parts, cached: bool, device):
+    """(latents (B, 2, C, h, w), conditioning, time_ids (B, 2, 6)) on ``device``."""
+    time_ids = batch["time_ids"].to(device)
+    if cached:
+        pooled = batch.get("pooled")
+        cond = Conditioning(batch["context"].to(device), None if pooled is None else pooled.to(device))
+        return batch["latents"].to(device), cond, time_ids
+    pixels = batch["pixels"].to(device)
+    latents = parts.encode_images(pixels.flatten(0, 1)).float()
+    latents = latents.view(pixels.shape[0], 2, *latents.shape[1:])
+    return latents, parts.encode_prompts(batch["prompt"]), time_ids
+
+
+def drop_captions(cond: Conditioning, empty: Conditioning, rate: float, generator=None):
+    """Replace each pair's prompt by the empty prompt with probability ``rate``."""
+    if rate <= 0:
+        return cond
+    drop = (torch.rand(len(cond.context), generator=generator) < rate).to(cond.context.device)
+    context = torch.where(drop[:, None, None], empty.context.to(cond.context.dtype), cond.context)
+    pooled = cond.pooled
+    if pooled is not None:
+        pooled = torch.where(drop[:, None], empty.pooled.to(pooled.dtype), pooled)
+    return Conditioning(context, pooled)
+
+
+def release_writer(accelerator, unet, config: DPOConfig, family: str):
+    """A function writing the release artefact into a folder: the LoRA in diffusers format, or a
+    diffusers UNet folder in full mode. Gathers the weights on every process (ZeRO-3)."""
+    if config.mode == "full":
+        state = accelerator.get_state_dict(unet)
+
+        def write_unet(folder: Path) -> None:
+            accelerator.unwrap_model(unet).save_pretrained(folder / "unet", state_dict=state)
+
+        return write_unet
+    inner = accelerator.unwrap_model(unet)
+
+    def write_lora(folder: Path) -> None:
+        save_lora(inner, folder, extra={"base_model": config.model, "beta": config.beta,
+                                        "loss": config.loss})  # fmt: skip
+
+    return write_lora
+
+
+def model_card(config: DPOConfig, family: str, metrics: dict) -> str:
+    pipeline = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
+    lines = [
+        "---", "library_name: diffusers", f"base_model: {config.model}",
+        f"tags: [pickalign, diffusion-dpo, {'lora' if config.mode == 'lora' else 'unet'}, {family}]",
+        "---", f"# Diffusion-DPO {'LoRA' if config.mode == 'lora' else 'UNet'} for `{config.model}`",
+        "", f"Aligned with pickalign's Diffusion-DPO on `{config.dataset}` ({config.split}).", "",
+        "```python", f"from diffusers import {pipeline}",
+        f'pipe = {pipeline}.from_pretrained("{config.model}")',
+    ]  # fmt: skip
+    if config.mode == "lora":
+        lines.append('pipe.load_lora_weights("path/to/this/folder")')
+    else:
+        lines += ["from diffusers import UNet2DConditionModel",
+                  'pipe.unet = UNet2DConditionModel.from_pretrained("path/to/this/folder/unet")']
+    lines += ["```", "", "## Training", "",
+              f"- loss: {config.loss}, beta {config.beta}, mode {config.mode}"
+              + (f" (rank {config.lora_rank}, alpha {config.lora_alpha or config.lora_rank})"
+                 if config.mode == "lora" else ""),
+              f"- resolution {config.resolution}, lr {config.learning_rate}, "
+              f"{config.batch_size * config.gradient_accumulation_steps} pairs per process per step",
+              "", "## Run", ""]  # fmt: skip
+    lines += [f"- {key}: {value}" for key, value in metrics.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(family: str, args: list[str] | None = None) -> tuple[DPOConfig, Path]:
+    """Entry point of ``recipes/dpo_<family>.py``: parse the config, train; returns both."""
+    from reward.runtime import parse_config
+
+    config = parse_config(DPOConfig, args)
+    return config, train(config, family)
+

@@ -1,0 +1,59 @@
+"""Pure loss functions for diffusion alignment. No models, no state: tensors in, tensors out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def prediction_target(scheduler, latents, noise, timesteps) -> torch.Tensor:
+    """What the UNet is trained to predict: the noise (epsilon) or the velocity (v)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"prediction_type {kind!r} is not supported (epsilon or v_prediction)")
+
+
+def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error averaged over every dimension but the batch: (B, C, H, W) -> (B,), fp32."""
+    error = (prediction.float() - target.float()) ** 2
+    return error.mean(dim=tuple(range(1, error.ndim)))
+
+
+@dataclass
+class DPOTerms:
+    loss: torch.Tensor  # scalar
+    implicit_accuracy: torch.Tensor  # share of pairs the policy already ranks right, scalar
+    model_diff: torch.Tensor  # (B,) mse_θ(w) - mse_θ(l)
+    reference_diff: torch.Tensor  # (B,) mse_ref(w) - mse_ref(l)
+
+
+def diffusion_dpo_loss(
+    model_mse_w: torch.Tensor,
+    model_mse_l: torch.Tensor,
+    reference_mse_w: torch.Tensor,
+    reference_mse_l: torch.Tensor,
+    beta: float = 5000.0,
+    labels: torch.Tensor | None = None,
+) -> DPOTerms:
+    """Diffusion-DPO (Wallace et al. 2023, eq. 14 with the per-timestep constant folded into beta):
+
+        loss = -log sigmoid(-beta / 2 * [(mse_θ(w) - mse_ref(w)) - (mse_θ(l) - mse_ref(l))])
+
+    from per-sample MSEs of winner and loser under the same noise and timestep. At policy ==
+    reference the loss is log 2 and the implicit accuracy 0.5 (ties count half).
+    """
+    model_diff = model_mse_w - model_mse_l
+    reference_diff = (reference_mse_w - reference_mse_l).detach()
+    inside = -0.5 * beta * (model_diff - reference_diff)
+    accuracy = (inside > 0).float().mean() + 0.5 * (inside == 0).float().mean()
+    if labels is None:
+        loss = -F.logsigmoid(inside).mean()
+    else:
+        labels = labels.to(inside)
+        loss = -(labels * F.logsigmoid(inside) + (1 - labels) * F.logsigmoid(-inside)).mean()
+    return DPOTerms(loss, accuracy.detach(), model_diff.detach(), reference_diff)

@@ -1,0 +1,137 @@
+"""Load the parts of an SD 1.x/2.x or SDXL pipeline for training, from a Hub id or a local folder,
+and encode prompts for either family.
+
+Only the UNet is meant to train; the VAE and the text encoders come back frozen in eval mode.
+The VAE runs in fp32 unless told otherwise (SDXL's VAE overflows in fp16), and SDXL can take a
+separate VAE (e.g. an fp16-safe one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from align.text import encode_sd, encode_sdxl, sdxl_time_ids
+
+FAMILIES = ("sd", "sdxl")
+
+
+@dataclass
+class Conditioning:
+    """What the UNet is conditioned on, per prompt: the context sequence, and for SDXL the pooled
+    embedding (time ids belong to the image, see ``align.pairs``)."""
+
+    context: torch.Tensor  # (B, 77, D)
+    pooled: torch.Tensor | None = None  # (B, D2), SDXL only
+
+    def index(self, rows) -> Conditioning:
+        return Conditioning(self.context[rows], None if self.pooled is None else self.pooled[rows])
+
+
+@dataclass
+class DiffusionParts:
+    family: str
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    noise_scheduler: object
+    tokenizers: list = field(default_factory=list)
+    text_encoders: list = field(default_factory=list)
+
+    def to(self, device, text_dtype=None) -> DiffusionParts:
+        """Move the frozen VAE and text encoders (the VAE keeps its dtype)."""
+        for encoder in self.text_encoders:
+            encoder.to(device, dtype=text_dtype)
+        self.vae.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        if self.family == "sd":
+            return Conditioning(encode_sd(self.tokenizers[0], self.text_encoders[0], prompts))
+        return Conditioning(*encode_sdxl(self.tokenizers, self.text_encoders, prompts))
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor, sample: bool = False, generator=None):
+        """(B, 3, H, W) in [-1, 1] -> scaled latents (posterior mean, or a sample)."""
+        vae = self.vae
+        posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        latents = posterior.sample(generator) if sample else posterior.mean
+        shift = vae.config.get("shift_factor") or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+
+def detect_family(model: str, revision: str | None = None) -> str:
+    """'sdxl' when the UNet of ``model`` has SDXL's text-and-time conditioning, else 'sd'."""
+    from diffusers import UNet2DConditionModel
+
+    config = UNet2DConditionModel.load_config(model, subfolder="unet", revision=revision)
+    return "sdxl" if config.get("addition_embed_type") == "text_time" else "sd"
+
+
+def load_parts(
+    model: str,
+    family: str | None = None,
+    vae: str | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
+    unet_dtype: torch.dtype = torch.float32,
+    vae_dtype: torch.dtype = torch.float32,
+) -> DiffusionParts:
+    """UNet, VAE, DDPM noise scheduler, tokenizer(s) and text encoder(s) of ``model``.
+
+    ``vae`` names another VAE (Hub id or folder holding a VAE's config, or a pipeline folder with
+    a ``vae`` subfolder). ``family`` is checked against the UNet when given.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    found = detect_family(model, revision)
+    if family is not None and family != found:
+        raise ValueError(
+            f"{model} holds an {found.upper()} UNet but the recipe trains {family.upper()}; "
+            f"use recipes/dpo_{found}.py"
+        )
+    common = dict(revision=revision, variant=variant)
+    unet = UNet2DConditionModel.from_pretrained(
+        model, subfolder="unet", torch_dtype=unet_dtype, **common
+    )
+    vae_model = _load_vae(vae, revision, vae_dtype) if vae else AutoencoderKL.from_pretrained(
+        model, subfolder="vae", torch_dtype=vae_dtype, **common
+    )
+    scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", revision=revision)
+    tokenizers = [AutoTokenizer.from_pretrained(model, subfolder="tokenizer", revision=revision)]
+    encoders = [CLIPTextModel.from_pretrained(model, subfolder="text_encoder", **common)]
+    if found == "sdxl":
+        tokenizers.append(
+            AutoTokenizer.from_pretrained(model, subfolder="tokenizer_2", revision=revision)
+        )
+        encoders.append(
+            CLIPTextModelWithProjection.from_pretrained(model, subfolder="text_encoder_2", **common)
+        )
+    for part in (vae_model, *encoders):
+        part.requires_grad_(False).eval()
+    return DiffusionParts(found, unet, vae_model, scheduler, tokenizers, encoders)
+
+
+def _load_vae(name: str, revision: str | None, dtype: torch.dtype):
+    from diffusers import AutoencoderKL
+
+    try:
+        return AutoencoderKL.from_pretrained(name, revision=revision, torch_dtype=dtype)
+    except OSError:  # a pipeline folder or repo: its vae subfolder
+        return AutoencoderKL.from_pretrained(name, subfolder="vae", revision=revision,
+                                             torch_dtype=dtype)  # fmt: skip
+
+
+def unet_forward(unet, noisy, timesteps, cond: Conditioning, time_ids: torch.Tensor | None):
+    """One UNet prediction for either family; ``time_ids`` (B, 6) is SDXL's micro-conditioning."""
+    if cond.pooled is None:
+        return unet(noisy, timesteps, encoder_hidden_states=cond.context).sample
+    added = {"text_embeds": cond.pooled, "time_ids": time_ids}
+    return unet(noisy, timesteps, encoder_hidden_states=cond.context, added_cond_kwargs=added).sample
+
+
+def default_time_ids(size: int, batch: int) -> torch.Tensor:
+    """Time ids of an uncropped square image of ``size`` px, (batch, 6)."""
+    return sdxl_time_ids((size, size), (0, 0), (size, size)).expand(batch, 6)

@@ -1,0 +1,315 @@
+"""Preference pairs for diffusion training: Pick-a-Pic rows -> (winner, loser) pixel tensors with
+SDXL micro-conditioning, and an optional on-disk cache of their VAE latents and prompt embeddings.
+
+Both images of a pair get the same flip and the same crop (at the same relative position when
+their sizes differ), and each keeps its own original size, so the time ids
+``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)`` say what the UNet really sees.
+
+The cache (``build_cache``) is written in shards of ``shard_size`` pairs, each shard a
+safetensors file renamed into place once complete, so an interrupted build resumes where it
+stopped; prompt embeddings are stored once per distinct prompt. ``CachedPairs`` reads single rows
+through memory-mapped files, so memory stays flat however large the dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from reward.data import BadRowError, PairFilter, decode_pair
+
+
+@dataclass
+class PairCrop:
+    """One pair's augmentation, shared by both images."""
+
+    flip: bool
+    top_fraction: float  # where the crop sits in the free space, 0 = top / left edge
+    left_fraction: float
+
+
+def choose_crop(rng: np.random.Generator, random_crop: bool, random_flip: bool) -> PairCrop:
+    if random_crop:
+        return PairCrop(bool(random_flip and rng.random() < 0.5), rng.random(), rng.random())
+    return PairCrop(bool(random_flip and rng.random() < 0.5), 0.5, 0.5)  # centre crop
+
+
+def prepare_image(image: Image.Image, resolution: int, crop: PairCrop):
+    """Resize the short side to ``resolution``, flip, crop a square; returns the (3, R, R) tensor
+    in [-1, 1] and its time ids (orig_h, orig_w, top, left, R, R)."""
+    width, height = image.size
+    scale = resolution / min(width, height)
+    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    resized = image.resize((new_w, new_h), Image.BICUBIC)
+    if crop.flip:
+        resized = resized.transpose(Image.FLIP_LEFT_RIGHT)
+    top = round(crop.top_fraction * (new_h - resolution))
+    left = round(crop.left_fraction * (new_w - resolution))
+    patch = resized.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(patch, dtype=np.float32)
+    pixels = torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1
+    time_ids = torch.tensor([height, width, top, left, resolution, resolution], dtype=torch.float32)
+    return pixels, time_ids
+
+
+def orient(pair) -> tuple[Image.Image, Image.Image]:
+    """(winner, loser) of a decoded pair; a tie keeps its order."""
+    return (pair.image_0, pair.image_1) if pair.label_0 > pair.label_1 else (pair.image_1, pair.image_0)
+
+
+class PreferencePairs(torch.utils.data.Dataset):
+    """Pick-a-Pic rows as training pairs: ``pixels`` (2, 3, R, R) winner first, ``time_ids``
+    (2, 6), ``prompt``, ``label`` (1, or 0.5 for a tie when ties are kept). Ties, unlabeled rows and identical images are dropped up front from the
+    label columns (no image decoded); a bad row raises naming row and column, or with
+    ``skip_bad`` yields None (the collate drops it and the loop counts it).
+
+    Augmentation is drawn from (seed, row), so the same row gets the same crop in every epoch and
+    after a resume.
+    """
+
+    def __init__(self, rows, resolution: int, filters: PairFilter | None = None,
+                 skip_bad: bool = False, random_crop: bool = False, random_flip: bool = False,
+                 seed: int = 0):  # fmt: skip
+        self.rows, self.resolution, self.skip_bad = rows, resolution, skip_bad
+        self.filters = filters or PairFilter(keep_ties=False)
+        self.random_crop, self.random_flip, self.seed = random_crop, random_flip, seed
+        self.index = usable_rows(rows, self.filters)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int):
+        row_index = int(self.index[i])
+        try:
+            pair = decode_pair(self.rows[row_index], row_index, self.filters)
+            if isinstance(pair, str):
+                return None
+            if pair.image_0 is None or pair.image_1 is None:
+                raise BadRowError(row_index, "jpg_0", "missing image")
+        except BadRowError:
+            if self.skip_bad:
+                return None
+            raise
+        crop = choose_crop(np.random.default_rng([self.seed, row_index]), self.random_crop,
+                           self.random_flip)  # fmt: skip
+        prepared = [prepare_image(im, self.resolution, crop) for im in orient(pair)]
+        return {
+            "prompt": pair.prompt,
+            "pixels": torch.stack([p for p, _ in prepared]),
+            "time_ids": torch.stack([t for _, t in prepared]),
+            "label": torch.tensor(0.5 if pair.is_tie else 1.0),  # P(first is preferred)
+        }
+
+
+def usable_rows(rows, filters: PairFilter) -> np.ndarray:
+    """Indices of rows the filters keep, decided from the label columns alone."""
+    names = rows.column_names
+    columns = {c: rows[c] for c in ("has_label", "are_different", "label_0") if c in names}
+    keep = np.ones(len(rows), dtype=bool)
+    if filters.require_label and "has_label" in columns:
+        keep &= np.array([bool(v) for v in columns["has_label"]])
+    if filters.require_different and "are_different" in columns:
+        keep &= np.array([v is None or bool(v) for v in columns["are_different"]])
+    if not filters.keep_ties and "label_0" in columns:
+        keep &= np.array([v != 0.5 for v in columns["label_0"]])
+    return np.nonzero(keep)[0]
+
+
+def collate_pairs(items):
+    items = [item for item in items if item is not None]
+    if not items:
+        return None
+    batch = {"prompt": [item["prompt"] for item in items]}
+    for key in ("pixels", "time_ids", "latents", "context", "pooled", "label"):
+        if key in items[0]:
+            batch["labels" if key == "label" else key] = torch.stack([item[key] for item in items])
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------
+# Precompute cache
+
+INDEX_FILE = "cache.json"
+
+
+def _shard_path(folder: Path, kind: str, number: int) -> Path:
+    return folder / f"{kind}-{number:05d}.safetensors"
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.partial")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def build_cache(parts, dataset: PreferencePairs, folder: str | Path, shard_size: int = 1024,
+                batch_size: int = 16, dtype: torch.dtype = torch.float16,
+                progress: bool = True, describe: dict | None = None) -> Path:  # fmt: skip
+    """Encode every pair of ``dataset`` once with ``parts`` (VAE posterior means, prompt
+    embeddings) into ``folder``. Shards already on disk are kept, so a stopped build resumes.
+    Returns ``folder``. ``describe`` (model, resolution, ...) is recorded and must match on resume.
+    """
+    from tqdm.auto import tqdm
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    index_path = folder / INDEX_FILE
+    header = {"pairs_in_dataset": len(dataset), "shard_size": shard_size,
+              "family": parts.family, **(describe or {})}  # fmt: skip
+    plan_path = folder / "plan.json"
+    if plan_path.exists():
+        planned = json.loads(plan_path.read_text())
+        if planned != header:
+            raise ValueError(
+                f"cache in {folder} was started with {planned}, this run asks for {header}; "
+                "use another cache folder or delete this one"
+            )
+    else:
+        plan_path.write_text(json.dumps(header, indent=2))
+    shards = range(0, len(dataset), shard_size)
+    prompts: dict[str, int] = {}
+    kept_per_shard = []
+    bar = tqdm(total=len(dataset), desc="caching latents", disable=not progress)
+    for number, start in enumerate(shards):
+        path = _shard_path(folder, "pairs", number)
+        items_range = range(start, min(start + shard_size, len(dataset)))
+        if path.exists():  # done by an earlier run: read its prompts back for the text shards
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                names = json.loads(f.metadata()["prompts"])
+                kept = f.get_slice("latents").get_shape()[0]
+            for name in names:
+                prompts.setdefault(name, len(prompts))
+            kept_per_shard.append(kept)
+            bar.update(len(items_range))
+            continue
+        latents, time_ids, labels, shard_prompts = [], [], [], []
+        for chunk_start in range(items_range.start, items_range.stop, batch_size):
+            chunk = [dataset[i] for i in range(chunk_start, min(chunk_start + batch_size,
+                                                                items_range.stop))]  # fmt: skip
+            batch = collate_pairs(chunk)
+            bar.update(len(chunk))
+            if batch is None:
+                continue
+            pixels = batch["pixels"]
+            encoded = parts.encode_images(pixels.flatten(0, 1)).float().cpu()
+            latents.append(encoded.view(len(pixels), 2, *encoded.shape[1:]).to(dtype))
+            time_ids.append(batch["time_ids"])
+            labels.append(batch["labels"])
+            shard_prompts += batch["prompt"]
+        for name in shard_prompts:
+            prompts.setdefault(name, len(prompts))
+        tensors = {
+            "latents": torch.cat(latents) if latents else torch.zeros(0),
+            "time_ids": torch.cat(time_ids) if time_ids else torch.zeros(0),
+            "label": torch.cat(labels) if labels else torch.zeros(0),
+            "prompt_id": torch.tensor([prompts[p] for p in shard_prompts], dtype=torch.int64),
+        }
+        _save_shard(tensors, path, shard_prompts)
+        kept_per_shard.append(len(shard_prompts))
+    bar.close()
+    _cache_prompts(parts, list(prompts), folder, shard_size, batch_size, dtype)
+    index = {**header, "pair_shards": kept_per_shard, "prompts": len(prompts)}
+    index_path.write_text(json.dumps(index, indent=2))
+    return folder
+
+
+def _save_shard(tensors, path: Path, prompts: list[str]) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.partial")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata={"prompts": json.dumps(list(dict.fromkeys(prompts)))})  # fmt: skip
+    os.replace(tmp, path)
+
+
+def _cache_prompts(parts, prompts: list[str], folder: Path, shard_size, batch_size, dtype) -> None:
+    """Prompt embeddings in prompt-id order, ``shard_size`` per file, plus the empty prompt's
+    (caption dropout) as ``empty.safetensors``."""
+    # Prompt ids are first-seen order across pair shards; each shard records its prompts in that
+    # order, so a resumed build assigns the same ids.
+    for number, start in enumerate(range(0, len(prompts), shard_size)):
+        path = _shard_path(folder, "prompts", number)
+        if path.exists():
+            continue
+        chunk = prompts[start : start + shard_size]
+        contexts, pooled = [], []
+        for i in range(0, len(chunk), batch_size):
+            cond = parts.encode_prompts(chunk[i : i + batch_size])
+            contexts.append(cond.context.float().cpu().to(dtype))
+            if cond.pooled is not None:
+                pooled.append(cond.pooled.float().cpu().to(dtype))
+        tensors = {"context": torch.cat(contexts)}
+        if pooled:
+            tensors["pooled"] = torch.cat(pooled)
+        _save_atomic(tensors, path)
+    empty = parts.encode_prompts([""])
+    tensors = {"context": empty.context.float().cpu().to(dtype)}
+    if empty.pooled is not None:
+        tensors["pooled"] = empty.pooled.float().cpu().to(dtype)
+    _save_atomic(tensors, folder / "empty.safetensors")
+
+
+class CachedPairs(torch.utils.data.Dataset):
+    """Rows of a finished cache: ``latents`` (2, C, h, w) winner first, ``time_ids`` (2, 6),
+    ``label``, ``context`` and (SDXL) ``pooled`` of the prompt, all fp32. Files are memory-mapped and rows
+    read one at a time."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        index_path = self.folder / INDEX_FILE
+        if not index_path.exists():
+            raise FileNotFoundError(
+                f"{self.folder} is not a finished latent cache (no {INDEX_FILE}); build it first"
+            )
+        self.info = json.loads(index_path.read_text())
+        counts = self.info["pair_shards"]
+        self.offsets = np.cumsum([0] + counts)
+        self.shard_size = self.info["shard_size"]
+        self._open: dict[Path, object] = {}
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _file(self, path: Path):
+        from safetensors import safe_open
+
+        if path not in self._open:
+            self._open[path] = safe_open(str(path), "pt")
+        return self._open[path]
+
+    def __getitem__(self, i: int):
+        shard = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        row = i - int(self.offsets[shard])
+        pairs = self._file(_shard_path(self.folder, "pairs", shard))
+        prompt_id = int(pairs.get_slice("prompt_id")[row : row + 1][0])
+        text = self._file(_shard_path(self.folder, "prompts", prompt_id // self.shard_size))
+        text_row = prompt_id % self.shard_size
+        item = {
+            "prompt": prompt_id,
+            "latents": pairs.get_slice("latents")[row : row + 1][0].float(),
+            "time_ids": pairs.get_slice("time_ids")[row : row + 1][0].float(),
+            "label": pairs.get_slice("label")[row : row + 1][0].float(),
+            "context": text.get_slice("context")[text_row : text_row + 1][0].float(),
+        }
+        if self.info["family"] == "sdxl":
+            item["pooled"] = text.get_slice("pooled")[text_row : text_row + 1][0].float()
+        return item
+
+    def empty_prompt(self):
+        from safetensors.torch import load_file
+
+        return load_file(self.folder / "empty.safetensors")
+
+    def __getstate__(self):  # DataLoader workers open their own handles
+        return {**self.__dict__, "_open": {}}

@@ -1,0 +1,17 @@
+"""Diffusion-DPO for an SDXL UNet on Pick-a-Pic preference pairs, LoRA by default.
+
+    accelerate launch --config_file accelerate_configs/zero2.yaml recipes/dpo_sdxl.py \
+        --config recipes/configs/dpo/sdxl_pickapic_v2_lora.yaml
+    accelerate launch recipes/dpo_sdxl.py --config recipes/configs/dpo/toy_sdxl.yaml
+
+Writes <output_dir>/final: pytorch_lora_weights.safetensors (load it with
+pipe.load_lora_weights), or a diffusers UNet folder in full mode, plus README.md and
+metrics.json (with the toy world's oracle win rate over the base when toy_eval_prompts
+is set). Resume with --resume_from_checkpoint latest. See align/dpo.py for every option.
+"""
+
+from align.dpo import main
+from eval.oracle import judge_toy_run
+
+if __name__ == "__main__":
+    judge_toy_run(*main("sdxl"))

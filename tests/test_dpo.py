@@ -1,0 +1,267 @@
+"""Diffusion-DPO: the loss, LoRA handling, SDXL micro-conditioning, the cache and the recipe."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from align.dpo import DPOConfig, lora_reference, pair_step, train
+from align.lora import LoraMismatchError, add_lora, load_lora, lora_parameters, save_lora
+from align.losses import diffusion_dpo_loss
+from align.models import load_parts
+from align.pairs import CachedPairs, PairCrop, PreferencePairs, build_cache, prepare_image
+from reward.data import load_pickapic
+from tests.conftest import REPO, launch
+
+
+@pytest.fixture(scope="module")
+def toy_pairs(tmp_path_factory):
+    from align.toy_data import generate_toy_dataset
+
+    out = tmp_path_factory.mktemp("dpo_data")
+    generate_toy_dataset(
+        out, seed=0, prompts=12, pairs_per_prompt=2, eval_pairs_per_prompt=1, base_models={}
+    )
+    return out
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def small(model, data, out, **overrides) -> DPOConfig:
+    fields = dict(
+        model=str(model), dataset=str(data), output_dir=str(out), resolution=32, batch_size=2,
+        max_steps=4, learning_rate=1e-3, warmup_steps=0, beta=500.0, checkpointing_steps=2,
+        report_to="none", logging_steps=1,
+    )  # fmt: skip
+    return DPOConfig(**{**fields, **overrides})
+
+
+def log(folder) -> dict[int, dict]:
+    lines = (folder / "log.jsonl").read_text().splitlines()
+    return {row["step"]: row for row in map(json.loads, lines)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss
+
+
+def test_loss_by_hand():
+    w, l = torch.tensor([0.10, 0.30]), torch.tensor([0.20, 0.10])
+    rw, rl = torch.tensor([0.15, 0.20]), torch.tensor([0.15, 0.20])
+    terms = diffusion_dpo_loss(w, l, rw, rl, beta=10.0)
+    inside = -5.0 * torch.tensor([(0.10 - 0.15) - (0.20 - 0.15), (0.30 - 0.20) - (0.10 - 0.20)])
+    expected = -torch.nn.functional.logsigmoid(inside).mean()
+    assert terms.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert terms.implicit_accuracy.item() == 0.5  # first pair ranked right, second wrong
+    tie = diffusion_dpo_loss(w, l, rw, rl, beta=10.0, labels=torch.tensor([0.5, 0.5]))
+    assert tie.loss.item() > math.log(2)  # a tie is best served by moving neither image
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_policy_equal_to_reference_gives_log2_and_half_accuracy(tiny_models, family):
+    from accelerate import Accelerator
+
+    parts = load_parts(str(tiny_models[family]))
+    add_lora(parts.unet, rank=4)  # lora_B starts at zero: policy == reference
+    latents = torch.randn(3, 2, 4, 8, 8)
+    cond = parts.encode_prompts(["a red cat", "a blue dog", "a green cube"])
+    time_ids = torch.tensor([64.0, 64, 0, 0, 64, 64]).expand(3, 2, 6) if family == "sdxl" else None
+    figures = pair_step(parts.unet, lora_reference(Accelerator(cpu=True), parts.unet),
+                        parts.noise_scheduler, latents, cond, time_ids, beta=5000.0)  # fmt: skip
+    assert figures["loss"].item() == pytest.approx(math.log(2), abs=1e-6)
+    assert figures["implicit_accuracy"].item() == 0.5
+    figures["loss"].backward()
+    with_grad = {n for n, p in parts.unet.named_parameters() if p.grad is not None}
+    assert with_grad and all("lora_" in n for n in with_grad)
+    assert any(p.grad.abs().sum() > 0 for p in lora_parameters(parts.unet))
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA round trip
+
+
+def _perturbed_lora(unet, rank: int, alpha: float) -> None:
+    add_lora(unet, rank=rank, alpha=alpha)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in lora_parameters(unet):
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+
+
+def _sample(pipe):
+    out = pipe("a red circle", num_inference_steps=3, guidance_scale=3.0, height=64, width=64,
+               generator=torch.Generator().manual_seed(0), output_type="np")  # fmt: skip
+    return out.images[0]
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_lora_round_trips_through_fresh_pipelines_with_alpha_not_rank(tiny_models, family, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    base = DiffusionPipeline.from_pretrained(tiny_models[family])
+    plain = _sample(base)
+    _perturbed_lora(base.unet, rank=4, alpha=16.0)  # scale 4: a wrong alpha would show
+    trained = _sample(base)
+    assert np.abs(trained - plain).max() > 1e-3  # the LoRA changes the output
+    save_lora(base.unet, tmp_path)
+    meta = json.loads((tmp_path / "pickalign_lora.json").read_text())
+    assert meta["family"] == family
+
+    fresh = DiffusionPipeline.from_pretrained(tiny_models[family])
+    fresh.load_lora_weights(str(tmp_path))  # stock diffusers
+    np.testing.assert_allclose(_sample(fresh), trained, atol=1e-5)
+    checked = load_lora(DiffusionPipeline.from_pretrained(tiny_models[family]), tmp_path)
+    np.testing.assert_allclose(_sample(checked), trained, atol=1e-5)
+
+
+def test_lora_for_another_architecture_fails_naming_it(tiny_models, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    sd = DiffusionPipeline.from_pretrained(tiny_models["sd"])
+    _perturbed_lora(sd.unet, rank=4, alpha=4.0)
+    save_lora(sd.unet, tmp_path)
+    sdxl = DiffusionPipeline.from_pretrained(tiny_models["sdxl"])
+    with pytest.raises(LoraMismatchError, match="made for an SD UNet.*SDXL UNet"):
+        load_lora(sdxl, tmp_path)
+    (tmp_path / "pickalign_lora.json").unlink()  # a LoRA from elsewhere: checked by shapes
+    with pytest.raises(LoraMismatchError, match="was not made for this UNet"):
+        load_lora(sdxl, tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# SDXL micro-conditioning
+
+
+def test_time_ids_of_a_non_square_flipped_cropped_pair():
+    rng = np.random.default_rng(0)
+    winner = Image.fromarray(rng.integers(0, 255, (60, 100, 3), dtype=np.uint8))  # h 60, w 100
+    loser = Image.fromarray(rng.integers(0, 255, (90, 150, 3), dtype=np.uint8))  # h 90, w 150
+    crop = PairCrop(flip=True, top_fraction=0.0, left_fraction=0.25)
+    (pw, tw), (pl, tl) = (prepare_image(im, 30, crop) for im in (winner, loser))
+    # Short side 60 -> 30: 50 x 30 after resizing; free width 20, crop left = 0.25 * 20 = 5.
+    assert tw.tolist() == [60, 100, 0, 5, 30, 30]
+    assert tl.tolist() == [90, 150, 0, 5, 30, 30]
+    by_hand = winner.resize((50, 30), Image.BICUBIC).transpose(Image.FLIP_LEFT_RIGHT)
+    by_hand = np.asarray(by_hand.crop((5, 0, 35, 30)), dtype=np.float32) / 127.5 - 1
+    np.testing.assert_allclose(pw.permute(1, 2, 0).numpy(), by_hand, atol=1e-6)
+    unflipped, _ = prepare_image(winner, 30, PairCrop(False, 0.0, 0.25))
+    assert not torch.allclose(unflipped, pw)
+
+
+def test_dataset_gives_both_images_the_same_augmentation(toy_pairs):
+    rows = load_pickapic(toy_pairs, "train", streaming=False)
+    pairs = PreferencePairs(rows, 24, random_crop=True, random_flip=True, seed=3)
+    items = [pairs[i] for i in range(len(pairs))]
+    assert all(torch.equal(it["time_ids"][0, 2:4], it["time_ids"][1, 2:4]) for it in items)
+    assert all(it["label"].item() == 1.0 for it in items)  # ties dropped by default
+    tie_rows = sum(v == 0.5 for v in rows["label_0"])
+    assert len(pairs) == len(rows) - tie_rows
+    again = PreferencePairs(rows, 24, random_crop=True, random_flip=True, seed=3)
+    assert torch.equal(again[0]["pixels"], items[0]["pixels"])  # same row, same crop
+
+
+# ----------------------------------------------------------------------------------------------
+# The precompute cache
+
+
+def test_cache_matches_direct_encoding_and_resumes(tiny_models, toy_pairs, tmp_path):
+    parts = load_parts(str(tiny_models["sdxl"]))
+    rows = load_pickapic(toy_pairs, "train", streaming=False)
+    pairs = PreferencePairs(rows, 64)
+    build_cache(parts, pairs, tmp_path, shard_size=5, dtype=torch.float32, progress=False)
+    cached = CachedPairs(tmp_path)
+    assert len(cached) == len(pairs)
+    item, raw = cached[7], pairs[7]
+    expected = parts.encode_images(raw["pixels"])
+    torch.testing.assert_close(item["latents"], expected, rtol=1e-5, atol=1e-5)
+    cond = parts.encode_prompts([raw["prompt"]])
+    torch.testing.assert_close(item["context"], cond.context[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(item["pooled"], cond.pooled[0], rtol=1e-5, atol=1e-5)
+    # A build stopped after some shards resumes and ends with identical files.
+    before = (tmp_path / "pairs-00001.safetensors").read_bytes()
+    (tmp_path / "pairs-00001.safetensors").unlink()
+    (tmp_path / "cache.json").unlink()
+    build_cache(parts, pairs, tmp_path, shard_size=5, dtype=torch.float32, progress=False)
+    assert (tmp_path / "pairs-00001.safetensors").read_bytes() == before
+    torch.testing.assert_close(CachedPairs(tmp_path)[7]["latents"], item["latents"])
+    with pytest.raises(ValueError, match="was started with"):
+        build_cache(parts, pairs, tmp_path, shard_size=4, progress=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipe
+
+
+def test_training_moves_only_the_lora_and_writes_a_loadable_adapter(tiny_models, toy_pairs, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    final = train(small(tiny_models["sd"], toy_pairs, tmp_path, cache_dir=str(tmp_path / "c")), "sd")
+    assert (final / "pytorch_lora_weights.safetensors").exists()
+    assert (tmp_path / "checkpoints" / "checkpoint-4" / "pytorch_lora_weights.safetensors").exists()
+    metrics = json.loads((final / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["world_size"] == 1
+    assert "load_lora_weights" in (final / "README.md").read_text()
+    steps = log(tmp_path)
+    assert steps[1]["train/loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference
+    pipe = DiffusionPipeline.from_pretrained(tiny_models["sd"])
+    plain = _sample(pipe)
+    pipe.load_lora_weights(str(final))
+    assert np.abs(_sample(pipe) - plain).max() > 0  # trained: differs from the base
+
+
+def test_resume_repeats_the_later_losses(tiny_models, toy_pairs, tmp_path):
+    train(small(tiny_models["sdxl"], toy_pairs, tmp_path / "full", caption_dropout=0.3), "sdxl")
+    full = log(tmp_path / "full")
+    middle = tmp_path / "full" / "checkpoints" / "checkpoint-2"
+    train(small(tiny_models["sdxl"], toy_pairs, tmp_path / "resumed", caption_dropout=0.3,
+                resume_from_checkpoint=str(middle)), "sdxl")  # fmt: skip
+    resumed = log(tmp_path / "resumed")
+    assert sorted(resumed) == [3, 4]
+    for step in (3, 4):
+        assert resumed[step]["train/loss"] == pytest.approx(full[step]["train/loss"], rel=1e-5)
+
+
+def test_full_mode_saves_a_diffusers_unet(tiny_models, toy_pairs, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    final = train(small(tiny_models["sd"], toy_pairs, tmp_path, mode="full", max_steps=2,
+                        reference_offload=True, loss="dpo"), "sd")  # fmt: skip
+    trained = UNet2DConditionModel.from_pretrained(final / "unet")
+    base = UNet2DConditionModel.from_pretrained(tiny_models["sd"], subfolder="unet")
+    moved = [not torch.equal(a, b) for a, b in zip(trained.parameters(), base.parameters())]
+    assert any(moved)
+
+
+def test_nan_loss_stops_with_the_step(tiny_models, toy_pairs, tmp_path):
+    with pytest.raises(FloatingPointError, match="at step 1"):
+        train(small(tiny_models["sd"], toy_pairs, tmp_path, beta=float("nan")), "sd")
+
+
+def test_wrong_family_is_named(tiny_models, toy_pairs, tmp_path):
+    with pytest.raises(ValueError, match="SDXL UNet but the recipe trains SD"):
+        train(small(tiny_models["sdxl"], toy_pairs, tmp_path), "sd")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("config", ["cpu_2proc.yaml", "cpu_zero2_2proc.yaml"])
+def test_two_process_runs(tiny_models, toy_pairs, tmp_path, config):
+    launch(
+        config, str(REPO / "recipes" / "dpo_sd.py"),
+        "--model", str(tiny_models["sd"]), "--dataset", str(toy_pairs), "--resolution", "32",
+        "--output_dir", str(tmp_path), "--max_steps", "2", "--batch_size", "2",
+        "--learning_rate", "1e-3", "--warmup_steps", "0", "--checkpointing_steps", "0",
+        "--report_to", "none",
+    )  # fmt: skip
+    metrics = json.loads((tmp_path / "final" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert metrics["distributed_type"] == ("DEEPSPEED" if "zero2" in config else "MULTI_CPU")
+    assert (tmp_path / "final" / "pytorch_lora_weights.safetensors").exists()
