@@ -89,7 +89,8 @@ class DPOConfig(RunConfig):
         metadata={"help": "UNet module names that get LoRA adapters."},
     )
     reference_offload: bool = field(
-        default=False, metadata={"help": "Full mode: keep the reference UNet on the CPU between uses."}
+        default=False,
+        metadata={"help": "Full mode: keep the reference UNet on the CPU between uses."},
     )
     batch_size: int = field(default=1, metadata={"help": "Pairs per process per micro-batch."})
     pairs_per_step: int | None = field(
@@ -109,7 +110,9 @@ class DPOConfig(RunConfig):
     )
     weight_decay: float = field(default=1e-2, metadata={"help": "Weight decay."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory."})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Trade compute for memory."}
+    )
     cache_dir: str | None = field(
         default=None,
         metadata={"help": "Precompute VAE latents and prompt embeddings here once (resumable)."},
@@ -118,7 +121,9 @@ class DPOConfig(RunConfig):
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
     toy_eval_prompts: int = field(
         default=0,
-        metadata={"help": "Toy world: judge aligned vs base on this many held-out prompts at the end."},
+        metadata={
+            "help": "Toy world: judge aligned vs base on this many held-out prompts at the end."
+        },
     )
     toy_eval_seeds: int = field(default=1, metadata={"help": "Toy world: seeds per prompt."})
     sample_steps: int = field(default=20, metadata={"help": "Sampling steps of the evaluation."})
@@ -213,7 +218,9 @@ def resolve_accumulation(config: DPOConfig) -> None:
 def make_optimizer(parameters, config: DPOConfig):
     parameters = list(parameters)
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(
+            parameters, lr=config.learning_rate, weight_decay=config.weight_decay
+        )
     if config.optimizer == "adamw_8bit":
         import bitsandbytes as bnb
 
@@ -272,7 +279,9 @@ def train(config: DPOConfig, family: str) -> Path:
     check_config(config, family)
     started = time.time()
     resolve_accumulation(config)
-    accelerator = make_accelerator(config, micro_batch_size=config.batch_size, project=f"dpo_{family}")
+    accelerator = make_accelerator(
+        config, micro_batch_size=config.batch_size, project=f"dpo_{family}"
+    )
     out = Path(config.output_dir)
     if accelerator.is_main_process:
         write_config(config, out)
@@ -308,7 +317,9 @@ def train(config: DPOConfig, family: str) -> Path:
         parts.to(accelerator.device, text_dtype=weight_dtype)
         empty = parts.encode_prompts([""])
     if len(dataset) < config.batch_size:
-        raise ValueError(f"{len(dataset)} usable pairs is less than one batch of {config.batch_size}")
+        raise ValueError(
+            f"{len(dataset)} usable pairs is less than one batch of {config.batch_size}"
+        )
     sampler = EpochSampler(len(dataset), config.seed)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=config.batch_size, sampler=sampler, drop_last=True,
@@ -329,7 +340,10 @@ def train(config: DPOConfig, family: str) -> Path:
     else:
         reference = frozen_reference(accelerator, reference_unet, config.reference_offload)
 
-    state = maybe_resume(accelerator, config)
+    lora_only = config.mode == "lora" and accelerator.distributed_type.value != "DEEPSPEED"
+    if lora_only:  # checkpoints hold the adapter, not a copy of the frozen UNet
+        accelerator.register_save_state_pre_hook(keep_only_lora)
+    state = maybe_resume(accelerator, config, **({"strict": False} if lora_only else {}))
     step = state["step"]
     steps_per_epoch = len(loader) // config.gradient_accumulation_steps
     if steps_per_epoch == 0:
@@ -413,12 +427,20 @@ def train(config: DPOConfig, family: str) -> Path:
     return final
 
 
+def keep_only_lora(models, weights, output_dir) -> None:
+    """``save_state`` hook: keep only the LoRA tensors of each model's state dict."""
+    for i, state in enumerate(weights):
+        weights[i] = {k: v for k, v in state.items() if "lora_" in k}
+
+
 def batch_inputs(batch, parts, cached: bool, device):
     """(latents (B, 2, C, h, w), conditioning, time_ids (B, 2, 6)) on ``device``."""
     time_ids = batch["time_ids"].to(device)
     if cached:
         pooled = batch.get("pooled")
-        cond = Conditioning(batch["context"].to(device), None if pooled is None else pooled.to(device))
+        cond = Conditioning(
+            batch["context"].to(device), None if pooled is None else pooled.to(device)
+        )
         return batch["latents"].to(device), cond, time_ids
     pixels = batch["pixels"].to(device)
     latents = parts.encode_images(pixels.flatten(0, 1)).float()
@@ -470,8 +492,10 @@ def model_card(config: DPOConfig, family: str, metrics: dict) -> str:
     if config.mode == "lora":
         lines.append('pipe.load_lora_weights("path/to/this/folder")')
     else:
-        lines += ["from diffusers import UNet2DConditionModel",
-                  'pipe.unet = UNet2DConditionModel.from_pretrained("path/to/this/folder/unet")']
+        lines += [
+            "from diffusers import UNet2DConditionModel",
+            'pipe.unet = UNet2DConditionModel.from_pretrained("path/to/this/folder/unet")',
+        ]
     lines += ["```", "", "## Training", "",
               f"- loss: {config.loss}, beta {config.beta}, mode {config.mode}"
               + (f" (rank {config.lora_rank}, alpha {config.lora_alpha or config.lora_rank})"
@@ -489,4 +513,3 @@ def main(family: str, args: list[str] | None = None) -> tuple[DPOConfig, Path]:
 
     config = parse_config(DPOConfig, args)
     return config, train(config, family)
-

@@ -120,6 +120,17 @@ def read_lora(folder: str | Path) -> dict[str, torch.Tensor]:
     return load_file(path)
 
 
+_MARKERS = {".lora.down.": "in", ".lora_A.": "in", ".lora.up.": "out", ".lora_B.": "out"}
+
+
+def _lora_target(name: str) -> tuple[str, str] | None:
+    """(layer name, "in" or "out") of a LoRA matrix key, or None for other keys."""
+    for marker, side in _MARKERS.items():
+        if marker in name:
+            return name.split(marker)[0], side
+    return None
+
+
 def check_lora_fits(state: dict[str, torch.Tensor], unet, source: str = "LoRA") -> None:
     """Raise ``LoraMismatchError`` unless every LoRA matrix in ``state`` (diffusers or peft key
     names, with or without the ``unet.`` prefix) targets a layer of ``unet`` with its shapes."""
@@ -128,14 +139,10 @@ def check_lora_fits(state: dict[str, torch.Tensor], unet, source: str = "LoRA") 
     for key, tensor in state.items():
         if key.startswith("text_encoder"):
             continue
-        name = key.removeprefix("unet.")
-        for marker, side in ((".lora.down.", "in"), (".lora_A.", "in"),
-                             (".lora.up.", "out"), (".lora_B.", "out")):  # fmt: skip
-            if marker in name:
-                layer_name = name.split(marker)[0]
-                break
-        else:
+        found = _lora_target(key.removeprefix("unet."))
+        if found is None:
             continue
+        layer_name, side = found
         layer = modules.get(layer_name)
         layer = getattr(layer, "base_layer", layer)
         if layer is None or not hasattr(layer, "weight"):
@@ -146,7 +153,9 @@ def check_lora_fits(state: dict[str, torch.Tensor], unet, source: str = "LoRA") 
         if wanted != got:
             problems.append(f"{layer_name}: LoRA {side} size {got}, layer has {wanted}")
     if problems:
-        shown = "; ".join(problems[:3]) + (f"; ... ({len(problems)} in all)" if len(problems) > 3 else "")
+        shown = "; ".join(problems[:3]) + (
+            f"; ... ({len(problems)} in all)" if len(problems) > 3 else ""
+        )
         raise LoraMismatchError(
             f"{source} was not made for this UNet ({family_of(unet)}, block_out_channels="
             f"{list(unet.config.block_out_channels)}, cross_attention_dim="

@@ -96,8 +96,10 @@ def load_parts(
     unet = UNet2DConditionModel.from_pretrained(
         model, subfolder="unet", torch_dtype=unet_dtype, **common
     )
-    vae_model = _load_vae(vae, revision, vae_dtype) if vae else AutoencoderKL.from_pretrained(
-        model, subfolder="vae", torch_dtype=vae_dtype, **common
+    vae_model = (
+        _load_vae(vae, revision, vae_dtype)
+        if vae
+        else AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=vae_dtype, **common)
     )
     scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", revision=revision)
     tokenizers = [AutoTokenizer.from_pretrained(model, subfolder="tokenizer", revision=revision)]
@@ -129,7 +131,9 @@ def unet_forward(unet, noisy, timesteps, cond: Conditioning, time_ids: torch.Ten
     if cond.pooled is None:
         return unet(noisy, timesteps, encoder_hidden_states=cond.context).sample
     added = {"text_embeds": cond.pooled, "time_ids": time_ids}
-    return unet(noisy, timesteps, encoder_hidden_states=cond.context, added_cond_kwargs=added).sample
+    return unet(
+        noisy, timesteps, encoder_hidden_states=cond.context, added_cond_kwargs=added
+    ).sample
 
 
 def default_time_ids(size: int, batch: int) -> torch.Tensor:

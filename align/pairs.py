@@ -60,7 +60,11 @@ def prepare_image(image: Image.Image, resolution: int, crop: PairCrop):
 
 def orient(pair) -> tuple[Image.Image, Image.Image]:
     """(winner, loser) of a decoded pair; a tie keeps its order."""
-    return (pair.image_0, pair.image_1) if pair.label_0 > pair.label_1 else (pair.image_1, pair.image_0)
+    return (
+        (pair.image_0, pair.image_1)
+        if pair.label_0 > pair.label_1
+        else (pair.image_1, pair.image_0)
+    )
 
 
 class PreferencePairs(torch.utils.data.Dataset):

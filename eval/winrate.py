@@ -44,7 +44,11 @@ def outcomes(scores_a, scores_b) -> np.ndarray:
 
 
 def win_rate(
-    scores_a, scores_b, confidence: float = 0.95, resamples: int = 10_000, seed: int = 0,
+    scores_a,
+    scores_b,
+    confidence: float = 0.95,
+    resamples: int = 10_000,
+    seed: int = 0,
     groups=None,
 ) -> WinRate:
     """Win rate of A over B (ties count 0.5) with a bootstrap interval.

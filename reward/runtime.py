@@ -299,9 +299,10 @@ def resolve_checkpoint(output_dir: str | Path, spec: str | None) -> Path | None:
     return path
 
 
-def maybe_resume(accelerator, config: RunConfig) -> dict[str, Any]:
+def maybe_resume(accelerator, config: RunConfig, **load_kwargs: Any) -> dict[str, Any]:
     """Restore the checkpoint ``config.resume_from_checkpoint`` names; returns its saved state
-    (``{"step": 0}`` when starting fresh)."""
+    (``{"step": 0}`` when starting fresh). ``load_kwargs`` go to the models' ``load_state_dict``
+    (``strict=False`` for checkpoints that hold only the trainable weights)."""
     path = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
     if path is None:
         if config.resume_from_checkpoint:
@@ -309,7 +310,7 @@ def maybe_resume(accelerator, config: RunConfig) -> dict[str, Any]:
                 f"no checkpoint in {checkpoint_root(config.output_dir)}; starting fresh"
             )
         return {"step": 0}
-    accelerator.load_state(str(path))
+    accelerator.load_state(str(path), **load_kwargs)
     state = json.loads((path / STATE_FILE).read_text())
     accelerator.print(f"resumed from {path} at step {state['step']}")
     return state

@@ -55,14 +55,14 @@ def log(folder) -> dict[int, dict]:
 
 
 def test_loss_by_hand():
-    w, l = torch.tensor([0.10, 0.30]), torch.tensor([0.20, 0.10])
+    win, lose = torch.tensor([0.10, 0.30]), torch.tensor([0.20, 0.10])
     rw, rl = torch.tensor([0.15, 0.20]), torch.tensor([0.15, 0.20])
-    terms = diffusion_dpo_loss(w, l, rw, rl, beta=10.0)
+    terms = diffusion_dpo_loss(win, lose, rw, rl, beta=10.0)
     inside = -5.0 * torch.tensor([(0.10 - 0.15) - (0.20 - 0.15), (0.30 - 0.20) - (0.10 - 0.20)])
     expected = -torch.nn.functional.logsigmoid(inside).mean()
     assert terms.loss.item() == pytest.approx(expected.item(), rel=1e-6)
     assert terms.implicit_accuracy.item() == 0.5  # first pair ranked right, second wrong
-    tie = diffusion_dpo_loss(w, l, rw, rl, beta=10.0, labels=torch.tensor([0.5, 0.5]))
+    tie = diffusion_dpo_loss(win, lose, rw, rl, beta=10.0, labels=torch.tensor([0.5, 0.5]))
     assert tie.loss.item() > math.log(2)  # a tie is best served by moving neither image
 
 
@@ -104,7 +104,9 @@ def _sample(pipe):
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
-def test_lora_round_trips_through_fresh_pipelines_with_alpha_not_rank(tiny_models, family, tmp_path):
+def test_lora_round_trips_through_fresh_pipelines_with_alpha_not_rank(
+    tiny_models, family, tmp_path
+):
     from diffusers import DiffusionPipeline
 
     base = DiffusionPipeline.from_pretrained(tiny_models[family])
@@ -201,10 +203,14 @@ def test_cache_matches_direct_encoding_and_resumes(tiny_models, toy_pairs, tmp_p
 # The recipe
 
 
-def test_training_moves_only_the_lora_and_writes_a_loadable_adapter(tiny_models, toy_pairs, tmp_path):
+def test_training_moves_only_the_lora_and_writes_a_loadable_adapter(
+    tiny_models, toy_pairs, tmp_path
+):
     from diffusers import DiffusionPipeline
 
-    final = train(small(tiny_models["sd"], toy_pairs, tmp_path, cache_dir=str(tmp_path / "c")), "sd")
+    final = train(
+        small(tiny_models["sd"], toy_pairs, tmp_path, cache_dir=str(tmp_path / "c")), "sd"
+    )
     assert (final / "pytorch_lora_weights.safetensors").exists()
     assert (tmp_path / "checkpoints" / "checkpoint-4" / "pytorch_lora_weights.safetensors").exists()
     metrics = json.loads((final / "metrics.json").read_text())
@@ -222,6 +228,10 @@ def test_resume_repeats_the_later_losses(tiny_models, toy_pairs, tmp_path):
     train(small(tiny_models["sdxl"], toy_pairs, tmp_path / "full", caption_dropout=0.3), "sdxl")
     full = log(tmp_path / "full")
     middle = tmp_path / "full" / "checkpoints" / "checkpoint-2"
+    from safetensors.torch import load_file
+
+    saved = load_file(middle / "model.safetensors")  # the adapter only, not the frozen UNet
+    assert saved and all("lora_" in key for key in saved)
     train(small(tiny_models["sdxl"], toy_pairs, tmp_path / "resumed", caption_dropout=0.3,
                 resume_from_checkpoint=str(middle)), "sdxl")  # fmt: skip
     resumed = log(tmp_path / "resumed")
@@ -265,3 +275,30 @@ def test_two_process_runs(tiny_models, toy_pairs, tmp_path, config):
     assert metrics["world_size"] == 2
     assert metrics["distributed_type"] == ("DEEPSPEED" if "zero2" in config else "MULTI_CPU")
     assert (tmp_path / "final" / "pytorch_lora_weights.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "name", sorted(p.name for p in (REPO / "recipes/configs/dpo").glob("*.yaml"))
+)
+def test_shipped_configs_parse(name):
+    from reward.runtime import parse_config
+
+    config = parse_config(DPOConfig, ["--config", str(REPO / "recipes/configs/dpo" / name)])
+    if "pickapic_v2" in name:  # the paper's batch and learning rate
+        assert config.pairs_per_step == 2048 and config.max_steps == 2000
+        assert config.learning_rate * config.pairs_per_step == pytest.approx(2.048e-5)
+        assert config.scale_lr and config.beta == 5000
+        assert config.mode == ("lora" if "lora" in name else "full")
+
+
+def test_a_pair_with_a_missing_image_follows_the_data_policy(toy_pairs, tmp_path):
+    from reward.data import BadRowError, write_split
+
+    rows = load_pickapic(toy_pairs, "train", streaming=False).to_list()
+    first = int(PreferencePairs(load_pickapic(toy_pairs, "train", streaming=False), 32).index[0])
+    rows[first]["jpg_1"] = None
+    write_split(rows, tmp_path, "train")
+    broken = load_pickapic(tmp_path, "train", streaming=False)
+    with pytest.raises(BadRowError, match=f"row {first}, column 'jpg_1'"):
+        PreferencePairs(broken, 32)[0]
+    assert PreferencePairs(broken, 32, skip_bad=True)[0] is None  # dropped by the collate
