@@ -79,6 +79,13 @@ class DPOConfig(RunConfig):
     caption_dropout: float = field(
         default=0.0, metadata={"help": "Share of pairs trained with the empty prompt."}
     )
+    uncond_anchor: float = field(
+        default=0.0,
+        metadata={
+            "help": "With caption_dropout: the empty-prompt pairs keep the policy's prediction at "
+            "the reference's with this weight instead of training DPO (0: DPO, as the paper)."
+        },
+    )
     loss: str = field(default="dpo", metadata={"help": "'dpo', or 'sft' (MSE on winners only)."})
     beta: float = field(default=5000.0, metadata={"help": "Diffusion-DPO beta."})
     mode: str = field(default="lora", metadata={"help": "'lora' or 'full' UNet fine-tuning."})
@@ -135,13 +142,18 @@ class DPOConfig(RunConfig):
 
 
 def pair_step(unet, reference, scheduler, latents, cond: Conditioning, time_ids, *,
-              beta: float, loss_type: str = "dpo", labels=None, generator=None) -> dict:  # fmt: skip
+              beta: float, loss_type: str = "dpo", labels=None, generator=None,
+              anchor=None, anchor_weight: float = 0.0) -> dict:  # fmt: skip
     """Diffusion-DPO loss of a batch of pairs.
 
     ``latents`` (B, 2, C, h, w) winner first; ``cond`` per pair; ``time_ids`` (B, 2, 6) or None;
     ``reference(noisy, t, cond, time_ids)`` gives the reference prediction. Winner and loser
-    share noise and timestep, drawn from ``generator`` (a CPU generator) when given. Returns the
-    loss and the logged figures.
+    share noise and timestep, drawn from ``generator`` (a CPU generator) when given.
+
+    ``anchor`` (B,) bool, optional: pairs (those given the empty prompt) that instead keep the
+    policy's prediction at the reference's, weighted by ``anchor_weight``, so the unconditional
+    branch that classifier-free guidance subtracts does not drift. Returns the loss and the
+    logged figures.
     """
     b, device = latents.shape[0], latents.device
     both = latents.transpose(0, 1).flatten(0, 1)  # (2B, ...): winners, then losers
@@ -154,18 +166,32 @@ def pair_step(unet, reference, scheduler, latents, cond: Conditioning, time_ids,
     cond2 = Conditioning(cond.context.repeat(2, 1, 1),
                         None if cond.pooled is None else cond.pooled.repeat(2, 1))  # fmt: skip
     ids = None if time_ids is None else time_ids.transpose(0, 1).flatten(0, 1)
-    mse_w, mse_l = per_sample_mse(unet_forward(unet, noisy, t, cond2, ids), target).chunk(2)
+    prediction = unet_forward(unet, noisy, t, cond2, ids)
+    mse_w, mse_l = per_sample_mse(prediction, target).chunk(2)
     if loss_type == "sft":
         return {"loss": mse_w.mean(), "mse_winner": mse_w.detach().mean()}
     with torch.no_grad():
-        ref_w, ref_l = per_sample_mse(reference(noisy, t, cond2, ids), target).chunk(2)
-    terms = diffusion_dpo_loss(mse_w, mse_l, ref_w, ref_l, beta, labels)
+        reference_prediction = reference(noisy, t, cond2, ids)
+    ref_w, ref_l = per_sample_mse(reference_prediction, target).chunk(2)
+    keep = torch.ones(b, dtype=torch.bool, device=device) if anchor is None else ~anchor.to(device)
+    if keep.all():
+        terms = diffusion_dpo_loss(mse_w, mse_l, ref_w, ref_l, beta, labels)
+        figures = {}
+    else:
+        kept_labels = None if labels is None else labels.to(device)[keep]
+        terms = diffusion_dpo_loss(mse_w[keep], mse_l[keep], ref_w[keep], ref_l[keep], beta,
+                                   kept_labels)  # fmt: skip
+        drift = per_sample_mse(prediction, reference_prediction)[(~keep).repeat(2)].mean()
+        figures = {"anchor_mse": drift.detach()}
+        dpo = terms.loss if keep.any() else torch.zeros((), device=device)  # all anchored
+        terms.loss = dpo + anchor_weight * drift
     return {
         "loss": terms.loss,
         "implicit_accuracy": terms.implicit_accuracy,
         "model_diff": terms.model_diff.mean(),
         "reference_diff": terms.reference_diff.mean(),
         "mse_winner": mse_w.detach().mean(),
+        **figures,
     }
 
 
@@ -370,14 +396,15 @@ def train(config: DPOConfig, family: str) -> Path:
                 hash((config.seed, step, micro, accelerator.process_index)) % 2**63
             )
             micro = (micro + 1) % config.gradient_accumulation_steps
-            cond = drop_captions(cond, empty, config.caption_dropout, generator)
+            cond, dropped = drop_captions(cond, empty, config.caption_dropout, generator)
             if family == "sd":
                 time_ids = None
             with accelerator.accumulate(unet):
                 figures = pair_step(
                     unet, reference, noise_scheduler, latents, cond, time_ids,
                     beta=config.beta, loss_type=config.loss, labels=batch.get("labels"),
-                    generator=generator,
+                    generator=generator, anchor=dropped if config.uncond_anchor > 0 else None,
+                    anchor_weight=config.uncond_anchor,
                 )  # fmt: skip
                 loss = figures["loss"]
                 check_finite(loss, step + 1)
@@ -449,15 +476,17 @@ def batch_inputs(batch, parts, cached: bool, device):
 
 
 def drop_captions(cond: Conditioning, empty: Conditioning, rate: float, generator=None):
-    """Replace each pair's prompt by the empty prompt with probability ``rate``."""
+    """Replace each pair's prompt by the empty prompt with probability ``rate``; returns the new
+    conditioning and the (B,) mask of replaced pairs."""
+    drop = torch.rand(len(cond.context), generator=generator) < rate
     if rate <= 0:
-        return cond
-    drop = (torch.rand(len(cond.context), generator=generator) < rate).to(cond.context.device)
+        return cond, drop
+    drop = drop.to(cond.context.device)
     context = torch.where(drop[:, None, None], empty.context.to(cond.context.dtype), cond.context)
     pooled = cond.pooled
     if pooled is not None:
         pooled = torch.where(drop[:, None], empty.pooled.to(pooled.dtype), pooled)
-    return Conditioning(context, pooled)
+    return Conditioning(context, pooled), drop
 
 
 def release_writer(accelerator, unet, config: DPOConfig, family: str):

@@ -94,12 +94,14 @@ def save_lora(unet, folder: str | Path, extra: dict | None = None) -> Path:
     """Write the adapter of ``unet`` (unwrapped) as ``folder/pytorch_lora_weights.safetensors`` in
     the diffusers format, with its config as metadata, plus ``pickalign_lora.json``."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    # peft key names (``lora_A`` / ``lora_B``), which diffusers loads for every target module;
+    # its older "lora.down" naming covers only attention projections, so mixing targets such as
+    # proj_in or ff with it would make load_lora_weights drop the attention adapters.
+    layers = get_peft_model_state_dict(unet)
     layers = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in layers.items()}
     family = family_of(unet)
     pipeline = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
@@ -176,6 +178,21 @@ def load_lora(pipe, folder: str | Path, adapter_name: str | None = None):
                 f"LoRA in {folder} was made for an {made_for.upper()} UNet; "
                 f"this pipeline ({type(pipe).__name__}) has an {here.upper()} UNet"
             )
-    check_lora_fits(read_lora(folder), pipe.unet, source=f"LoRA in {folder}")
+    state = read_lora(folder)
+    check_lora_fits(state, pipe.unet, source=f"LoRA in {folder}")
+    before = set(getattr(pipe.unet, "peft_config", {}) or {})
     pipe.load_lora_weights(str(folder), adapter_name=adapter_name)
+    added = set(getattr(pipe.unet, "peft_config", {}) or {}) - before
+    # diffusers skips keys it does not recognise with only a warning: make that an error.
+    wanted = {found[0] for key in state if (found := _lora_target(key.removeprefix("unet.")))}
+    loaded = {
+        name for name, module in pipe.unet.named_modules()
+        if any(a in getattr(module, "lora_A", {}) for a in added)
+    }  # fmt: skip
+    if not wanted <= loaded:
+        missing = sorted(wanted - loaded)
+        raise LoraMismatchError(
+            f"LoRA in {folder}: {len(missing)} of {len(wanted)} adapted layers did not load "
+            f"(e.g. {missing[0]}); its key names are not in a format diffusers reads"
+        )
     return pipe

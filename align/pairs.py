@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from reward.data import BadRowError, PairFilter, decode_pair
+from reward.data import BadRowError, PairFilter, decode_pair, usable_rows
 
 
 @dataclass
@@ -109,20 +109,6 @@ class PreferencePairs(torch.utils.data.Dataset):
             "time_ids": torch.stack([t for _, t in prepared]),
             "label": torch.tensor(0.5 if pair.is_tie else 1.0),  # P(first is preferred)
         }
-
-
-def usable_rows(rows, filters: PairFilter) -> np.ndarray:
-    """Indices of rows the filters keep, decided from the label columns alone."""
-    names = rows.column_names
-    columns = {c: rows[c] for c in ("has_label", "are_different", "label_0") if c in names}
-    keep = np.ones(len(rows), dtype=bool)
-    if filters.require_label and "has_label" in columns:
-        keep &= np.array([bool(v) for v in columns["has_label"]])
-    if filters.require_different and "are_different" in columns:
-        keep &= np.array([v is None or bool(v) for v in columns["are_different"]])
-    if not filters.keep_ties and "label_0" in columns:
-        keep &= np.array([v != 0.5 for v in columns["label_0"]])
-    return np.nonzero(keep)[0]
 
 
 def collate_pairs(items):

@@ -60,10 +60,11 @@ def _jpeg(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _plan_split(prompts, pairs_per_prompt, sources, rng) -> list[dict]:
-    """Choose, for every pair, each side's source and the randomness that makes its image."""
-    names = list(RENDER_SOURCES) + (["base"] if sources else [])
-    weights = np.array([SOURCE_WEIGHTS[n] for n in names])
+def _plan_split(prompts, pairs_per_prompt, mix: dict[str, float], sources, rng) -> list[dict]:
+    """Choose, for every pair, each side's source and the randomness that makes its image.
+    ``mix`` maps a source (or "base": any of ``sources``) to its share of image sides."""
+    names = list(mix)
+    weights = np.array([mix[n] for n in names], dtype=float)
     plans = []
     for attributes in prompts:
         for _ in range(pairs_per_prompt):
@@ -74,6 +75,21 @@ def _plan_split(prompts, pairs_per_prompt, sources, rng) -> list[dict]:
                 sides.append({"source": str(kind), "seed": int(rng.integers(2**31))})
             plans.append({"attributes": attributes, "sides": sides})
     return plans
+
+
+def source_mix(mix: dict[str, float] | None, base_models: dict[str, Path]) -> dict[str, float]:
+    """The default mix (renders and, where available, base-model samples), or ``mix`` checked:
+    every source must be a render kind, "base", or one of ``base_models``."""
+    if mix is None:
+        return {k: v for k, v in SOURCE_WEIGHTS.items() if k != "base" or base_models}
+    known = set(RENDER_SOURCES) | set(base_models) | ({"base"} if base_models else set())
+    unknown = sorted(set(mix) - known)
+    if unknown or not mix or any(v < 0 for v in mix.values()) or sum(mix.values()) <= 0:
+        raise ValueError(
+            f"bad source mix {mix}: sources must be among {sorted(known)} with positive shares"
+            + (f" (unknown: {unknown})" if unknown else "")
+        )
+    return dict(mix)
 
 
 def _make_images(plans, base_models: dict[str, Path], sample_steps: int) -> None:
@@ -155,15 +171,19 @@ def generate_toy_dataset(
     eval_pairs_per_prompt: int = 2,
     base_models: dict[str, Path] | None = None,
     sample_steps: int = 20,
+    mix: dict[str, float] | None = None,
 ) -> dict[str, int]:
     """Write the five splits under ``out/data``; returns the row count per split.
 
     ``prompts`` caps the number of train prompts (default: all 200). ``base_models`` maps a
     source name to a pipeline folder (default: the shipped toy models; ``{}`` for renders only).
+    ``mix`` sets each source's share of image sides, e.g. ``{"toy-sd": 0.75, "render": 0.25}``
+    for mostly on-policy pairs of one base model (default: ``SOURCE_WEIGHTS``).
     """
     from tqdm.auto import tqdm
 
     base_models = shipped_toy_models() if base_models is None else base_models
+    mix = source_mix(mix, base_models)
     splits = prompt_splits()
     rng = np.random.default_rng(seed)
     sizes, start = {}, 0
@@ -171,7 +191,7 @@ def generate_toy_dataset(
     for split in tqdm(("train", "validation", "test"), desc="toy dataset"):
         chosen = splits[split][:prompts] if split == "train" else splits[split]
         per_prompt = pairs_per_prompt if split == "train" else eval_pairs_per_prompt
-        plans = _plan_split(chosen, per_prompt, sorted(base_models), rng)
+        plans = _plan_split(chosen, per_prompt, mix, sorted(base_models), rng)
         _make_images(plans, base_models, sample_steps)
         written[split] = _rows(plans, rng, start)
         start += len(plans)

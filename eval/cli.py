@@ -57,9 +57,15 @@ def _toy_data(args: argparse.Namespace) -> int:
     from align.toy_data import generate_toy_dataset
 
     base = {} if args.renders_only else None
+    mix = None
+    if args.mix:
+        try:
+            mix = {k: float(v) for k, v in (item.split("=") for item in args.mix.split(","))}
+        except ValueError:
+            raise SystemExit(f"--mix: expected source=share,... got {args.mix!r}") from None
     sizes = generate_toy_dataset(
         args.out, seed=args.seed, prompts=args.prompts, pairs_per_prompt=args.pairs_per_prompt,
-        base_models=base,
+        base_models=base, mix=mix,
     )  # fmt: skip
     for split, rows in sizes.items():
         print(f"{split:18s} {rows} rows")
@@ -183,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     toy_data.add_argument("--pairs-per-prompt", type=int, default=4, help="train pairs per prompt")
     toy_data.add_argument(
         "--renders-only", action="store_true", help="no samples from the toy base models"
+    )
+    toy_data.add_argument(
+        "--mix",
+        help="share of image sides per source, e.g. toy-sd=0.75,render=0.25 (sources: render, "
+        "render-wrong-1, render-wrong-2, toy-sd, toy-sdxl, base)",
     )
     toy_data.set_defaults(run=_toy_data)
     check = toy.add_parser("oracle-check", help="the oracle's accuracy on fresh renders")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 PICKAPIC_COLUMNS = (
@@ -175,8 +176,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        import numpy as np
-
         array = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
         image = Image.fromarray((array.clip(0, top) / top * 255).round().astype("uint8"), "L")
@@ -247,6 +246,20 @@ def decode_pair(row: dict, index: int, filters: PairFilter | None = None) -> Pai
             raise BadRowError(index, column, "undecodable image", str(error)) from error
     count = row.get("num_example_per_prompt") or 1
     return Pair(prompt, images[0], images[1], *labels, index=index, num_example_per_prompt=count)
+
+
+def usable_rows(rows, filters: PairFilter) -> np.ndarray:
+    """Indices of rows the filters keep, decided from the label columns alone."""
+    names = rows.column_names
+    columns = {c: rows[c] for c in ("has_label", "are_different", "label_0") if c in names}
+    keep = np.ones(len(rows), dtype=bool)
+    if filters.require_label and "has_label" in columns:
+        keep &= np.array([bool(v) for v in columns["has_label"]])
+    if filters.require_different and "are_different" in columns:
+        keep &= np.array([v is None or bool(v) for v in columns["are_different"]])
+    if not filters.keep_ties and "label_0" in columns:
+        keep &= np.array([v != 0.5 for v in columns["label_0"]])
+    return np.nonzero(keep)[0]
 
 
 def iter_pairs(

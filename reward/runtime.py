@@ -167,8 +167,12 @@ def make_accelerator(config: RunConfig, micro_batch_size: int | None = None, pro
     )
     _check_world(accelerator)
     plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None and micro_batch_size is not None:
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch_size
+    if plugin is not None:
+        if micro_batch_size is not None:
+            plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch_size
+        # The run's accumulation wins over a launch config's fixed value, which accelerate
+        # would otherwise apply silently (changing the batch per optimizer step).
+        plugin.deepspeed_config["gradient_accumulation_steps"] = config.gradient_accumulation_steps
     if log_with is not None:
         accelerator.init_trackers(project, config=_scalar_config(config))
     return accelerator

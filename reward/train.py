@@ -19,10 +19,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from reward.data import BadRowError, PairFilter, decode_pair, load_pickapic
+from reward.data import BadRowError, PairFilter, decode_pair, load_pickapic, usable_rows
 from reward.evaluate import accuracy_report, evaluate_reward, pair_probabilities
 from reward.losses import in_batch_negatives_loss, preference_loss
 from reward.pickscore import PickScore, image_embeddings, text_embeddings
@@ -83,17 +82,7 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __init__(self, rows, processor, filters: PairFilter, skip_bad: bool):
         self.rows, self.processor, self.filters, self.skip_bad = rows, processor, filters, skip_bad
-        columns = {
-            c: rows[c] for c in ("has_label", "are_different", "label_0") if c in rows.column_names
-        }
-        keep = np.ones(len(rows), dtype=bool)
-        if filters.require_label and "has_label" in columns:
-            keep &= np.array([bool(v) for v in columns["has_label"]])
-        if filters.require_different and "are_different" in columns:
-            keep &= np.array([v is None or bool(v) for v in columns["are_different"]])
-        if not filters.keep_ties and "label_0" in columns:
-            keep &= np.array([v != 0.5 for v in columns["label_0"]])
-        self.index = np.nonzero(keep)[0]
+        self.index = usable_rows(rows, filters)
 
     def __len__(self) -> int:
         return len(self.index)

@@ -26,6 +26,27 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+@pytest.fixture(scope="session")
+def toy_pairs(tmp_path_factory) -> Path:
+    """A small renders-only toy dataset in the Pick-a-Pic schema (16 train prompts x 2 pairs)."""
+    from align.toy_data import generate_toy_dataset
+
+    out = tmp_path_factory.mktemp("toy_pairs")
+    generate_toy_dataset(
+        out, seed=0, prompts=16, pairs_per_prompt=2, eval_pairs_per_prompt=1, base_models={}
+    )
+    return out
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each test starts without the accelerate state an earlier in-process run left behind."""
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def jpeg_bytes(image, fmt: str = "JPEG") -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt)

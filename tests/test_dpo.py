@@ -17,25 +17,6 @@ from reward.data import load_pickapic
 from tests.conftest import REPO, launch
 
 
-@pytest.fixture(scope="module")
-def toy_pairs(tmp_path_factory):
-    from align.toy_data import generate_toy_dataset
-
-    out = tmp_path_factory.mktemp("dpo_data")
-    generate_toy_dataset(
-        out, seed=0, prompts=12, pairs_per_prompt=2, eval_pairs_per_prompt=1, base_models={}
-    )
-    return out
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def small(model, data, out, **overrides) -> DPOConfig:
     fields = dict(
         model=str(model), dataset=str(data), output_dir=str(out), resolution=32, batch_size=2,
@@ -89,8 +70,11 @@ def test_policy_equal_to_reference_gives_log2_and_half_accuracy(tiny_models, fam
 # LoRA round trip
 
 
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+
+
 def _perturbed_lora(unet, rank: int, alpha: float) -> None:
-    add_lora(unet, rank=rank, alpha=alpha)
+    add_lora(unet, rank=rank, alpha=alpha, targets=TARGETS)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in lora_parameters(unet):

@@ -8,25 +8,6 @@ from reward.train import RewardConfig, train
 from tests.conftest import REPO, launch
 
 
-@pytest.fixture(scope="module")
-def toy_pairs(tmp_path_factory):
-    from align.toy_data import generate_toy_dataset
-
-    out = tmp_path_factory.mktemp("reward_data")
-    generate_toy_dataset(
-        out, seed=0, prompts=16, pairs_per_prompt=2, eval_pairs_per_prompt=1, base_models={}
-    )
-    return out
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def small(toy_pairs, out, **overrides) -> RewardConfig:
     fields = dict(
         from_scratch=True, dataset=str(toy_pairs), output_dir=str(out), batch_size=4, max_steps=6,

@@ -86,3 +86,13 @@ def test_base_model_samples_join_the_mix(tmp_path):
     train = load_pickapic(tmp_path, "train")
     sources = set(train["model_0"]) | set(train["model_1"])
     assert "toy-sd" in sources and "render" in sources
+
+
+def test_a_source_mix_uses_only_its_sources(tmp_path):
+    mix = {"render": 1.0, "render-wrong-2": 1.0}
+    generate_toy_dataset(tmp_path, prompts=5, pairs_per_prompt=4, base_models={}, mix=mix)
+    rows = load_pickapic(tmp_path, "train", streaming=False)
+    used = set(rows["model_0"]) | set(rows["model_1"])
+    assert used == set(mix)
+    with pytest.raises(ValueError, match="unknown: \\['toy-sd'\\]"):
+        generate_toy_dataset(tmp_path / "x", prompts=1, base_models={}, mix={"toy-sd": 1.0})
