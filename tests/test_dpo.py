@@ -286,3 +286,29 @@ def test_a_pair_with_a_missing_image_follows_the_data_policy(toy_pairs, tmp_path
     with pytest.raises(BadRowError, match=f"row {first}, column 'jpg_1'"):
         PreferencePairs(broken, 32)[0]
     assert PreferencePairs(broken, 32, skip_bad=True)[0] is None  # dropped by the collate
+
+
+def test_anchored_pairs_hold_the_prediction_at_the_reference(tiny_models):
+    from accelerate import Accelerator
+
+    parts = load_parts(str(tiny_models["sd"]))
+    add_lora(parts.unet, rank=4)
+    reference = lora_reference(Accelerator(cpu=True), parts.unet)
+    latents, cond = torch.randn(3, 2, 4, 8, 8), parts.encode_prompts(["", "a cat", "a dog"])
+    anchor = torch.tensor([True, False, False])
+
+    def step(weight=10.0):
+        return pair_step(parts.unet, reference, parts.noise_scheduler, latents, cond, None,
+                         beta=5000.0, anchor=anchor, anchor_weight=weight,
+                         generator=torch.Generator().manual_seed(0))  # fmt: skip
+
+    at_init = step()
+    assert at_init["anchor_mse"].item() == 0
+    assert at_init["loss"].item() == pytest.approx(math.log(2), abs=1e-6)
+    with torch.no_grad():
+        for p in lora_parameters(parts.unet):
+            p.add_(torch.randn_like(p) * 0.1)
+    moved, heavier = step(10.0), step(20.0)
+    assert moved["anchor_mse"].item() > 0
+    extra = (heavier["loss"] - moved["loss"]).item()  # the anchored pair adds weight x drift
+    assert extra == pytest.approx(10.0 * moved["anchor_mse"].item(), rel=1e-4)
