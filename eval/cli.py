@@ -90,6 +90,13 @@ def _toy_eval(args: argparse.Namespace) -> int:
 
     from diffusers import DiffusionPipeline
 
+    if args.aligned:
+        from eval.oracle import aligned_vs_base
+
+        report = aligned_vs_base(args.model, args.aligned, args.prompts, args.seeds_per_prompt)
+        print(json.dumps(report, indent=2))
+        return 0
+
     from align.sampling import generate
     from eval.oracle import oracle_compare
     from reward.toyworld import prompt_splits
@@ -204,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     toy_eval = toy.add_parser("eval", help="oracle adherence (and win rate) of pipelines")
     toy_eval.add_argument("model", help="a pipeline folder")
     toy_eval.add_argument("--against", help="a second pipeline folder to compare with")
+    toy_eval.add_argument(
+        "--aligned",
+        help="a DPO output folder (LoRA or unet/): win rate of MODEL with it over MODEL alone",
+    )
+    toy_eval.add_argument("--seeds-per-prompt", type=int, default=2, help="with --aligned")
     toy_eval.add_argument("--prompts", type=int, default=200, help="held-out prompts")
     toy_eval.add_argument("--seed", type=int, default=0, help="first seed (seed i+k for prompt k)")
     toy_eval.set_defaults(run=_toy_eval)

@@ -54,11 +54,12 @@ def test_ci_runs_make_test():
 
 def test_every_shipped_recipe_config_parses():
     """Each YAML under recipes/configs loads into its recipe's config class without unknown keys."""
+    from align.dpo import DPOConfig
     from align.pretrain_toy import PretrainToyConfig
     from reward.runtime import parse_config
     from reward.train import RewardConfig
 
-    classes = {"toy": PretrainToyConfig, "reward": RewardConfig}
+    classes = {"toy": PretrainToyConfig, "reward": RewardConfig, "dpo": DPOConfig}
     configs = sorted((REPO / "recipes" / "configs").rglob("*.yaml"))
     assert configs
     for path in configs:
