@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from reward.data import BadRowError, PairFilter, decode_pair, usable_rows
+from reward.data import PairFilter, decode_row, usable_rows
 
 
 @dataclass
@@ -90,16 +90,9 @@ class PreferencePairs(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         row_index = int(self.index[i])
-        try:
-            pair = decode_pair(self.rows[row_index], row_index, self.filters)
-            if isinstance(pair, str):
-                return None
-            if pair.image_0 is None or pair.image_1 is None:
-                raise BadRowError(row_index, "jpg_0", "missing image")
-        except BadRowError:
-            if self.skip_bad:
-                return None
-            raise
+        pair = decode_row(self.rows, row_index, self.filters, self.skip_bad)
+        if pair is None:
+            return None
         crop = choose_crop(np.random.default_rng([self.seed, row_index]), self.random_crop,
                            self.random_flip)  # fmt: skip
         prepared = [prepare_image(im, self.resolution, crop) for im in orient(pair)]

@@ -248,6 +248,22 @@ def decode_pair(row: dict, index: int, filters: PairFilter | None = None) -> Pai
     return Pair(prompt, images[0], images[1], *labels, index=index, num_example_per_prompt=count)
 
 
+def decode_row(rows, row_index: int, filters: PairFilter, skip_bad: bool) -> Pair | None:
+    """``rows[row_index]`` as a pair with both images, or None when a filter drops it or, with
+    ``skip_bad``, when it is bad (the caller's collate drops Nones); a bad row raises otherwise."""
+    try:
+        pair = decode_pair(rows[row_index], row_index, filters)
+        if isinstance(pair, str):
+            return None
+        if pair.image_0 is None or pair.image_1 is None:
+            raise BadRowError(row_index, "jpg_0", "missing image")
+    except BadRowError:
+        if skip_bad:
+            return None
+        raise
+    return pair
+
+
 def usable_rows(rows, filters: PairFilter) -> np.ndarray:
     """Indices of rows the filters keep, decided from the label columns alone."""
     names = rows.column_names

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from reward.data import BadRowError, PairFilter, decode_pair, load_pickapic, usable_rows
+from reward.data import PairFilter, decode_row, load_pickapic, usable_rows
 from reward.evaluate import accuracy_report, evaluate_reward, pair_probabilities
 from reward.losses import in_batch_negatives_loss, preference_loss
 from reward.pickscore import PickScore, image_embeddings, text_embeddings
@@ -88,14 +88,8 @@ class PairDataset(torch.utils.data.Dataset):
         return len(self.index)
 
     def __getitem__(self, i: int):
-        row_index = int(self.index[i])
-        try:
-            pair = decode_pair(self.rows[row_index], row_index, self.filters)
-        except BadRowError:
-            if self.skip_bad:
-                return None
-            raise
-        if isinstance(pair, str):
+        pair = decode_row(self.rows, int(self.index[i]), self.filters, self.skip_bad)
+        if pair is None:
             return None
         pixels = self.processor.image_processor(
             images=[pair.image_0, pair.image_1], return_tensors="pt"
