@@ -5,18 +5,23 @@
 - common: a separate frozen reference UNet in memory, with the VAE encoder and the text encoder
   run on every step (the layout of the usual Diffusion-DPO training scripts).
 
-Both use SD1.5-sized components with random weights (UNet 860M, VAE 84M, CLIP-L text encoder
-123M) and the same loss code (``align.dpo.pair_step``). Each design runs in its own fresh process
-so its peak resident memory (ru_maxrss) is its own.
+Both use real-size components with random weights and the same loss code
+(``align.dpo.pair_step``): SD1.5 (UNet 860M, VAE 84M, CLIP-L text encoder 123M) or SDXL (UNet
+2.6B, the same VAE, CLIP-L and OpenCLIP-bigG text encoders). Each design runs in its own fresh
+process, so its peak memory is its own: resident memory (ru_maxrss) on a CPU, torch's peak
+allocation on a GPU, where the step runs as training does under ``--precision bf16`` (frozen
+weights in bf16, LoRA in fp32, autocast; the common design's VAE in fp32). On a GPU it also
+counts the step's FLOPs and reports them against the measured bf16 matrix-product rate.
 
     python bench/dpo_step.py [--resolution 256] [--pairs 1] [--steps 3] [--json out.json]
+    python bench/dpo_step.py --device cuda --family sdxl --resolution 1024 --precision bf16 \
+        --pairs 8 --rank 64 --gradient-checkpointing --designs ours
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -27,6 +32,15 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.benchlib import (  # noqa: E402
+    count_flops,
+    describe_machine,
+    matmul_peak_tflops,
+    median,
+    peak_memory_gb,
+    synchronize,
+)
 
 
 def sd15_unet():
@@ -37,6 +51,20 @@ def sd15_unet():
         block_out_channels=(320, 640, 1280, 1280),
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )  # fmt: skip
+
+
+def sdxl_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=128, cross_attention_dim=2048, layers_per_block=2,
+        block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20), use_linear_projection=True,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
     )  # fmt: skip
 
 
@@ -58,7 +86,16 @@ def clip_l_text():
     return CLIPTextModel(config).eval().requires_grad_(False)
 
 
-def run_design(design: str, resolution: int, pairs: int, steps: int, warmup: int) -> dict:
+def clip_bigg_text():
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                            num_attention_heads=20, max_position_embeddings=77, vocab_size=49408,
+                            projection_dim=1280, hidden_act="gelu")  # fmt: skip
+    return CLIPTextModelWithProjection(config).eval().requires_grad_(False)
+
+
+def run_design(design: str, args) -> dict:
     import copy
 
     from accelerate import Accelerator
@@ -66,92 +103,144 @@ def run_design(design: str, resolution: int, pairs: int, steps: int, warmup: int
 
     from align.dpo import lora_reference, pair_step
     from align.lora import add_lora, lora_parameters
-    from align.models import Conditioning, unet_forward
-    from align.text import tokenize
+    from align.models import Conditioning, default_time_ids, unet_forward
+    from align.text import encode_sd, encode_sdxl
     from reward.tokenizer import build_clip_tokenizer
 
     torch.manual_seed(0)
-    accelerator = Accelerator(cpu=True)
+    device = torch.device(args.device)
+    bf16 = args.precision == "bf16"
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if bf16 else "no")
+    weight_dtype = torch.bfloat16 if bf16 else torch.float32
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    unet = sd15_unet()
-    latent = resolution // 8
+    sdxl = args.family == "sdxl"
+    with torch.device(device):
+        unet = sdxl_unet() if sdxl else sd15_unet()
+    unet.to(dtype=weight_dtype)
+    pairs, latent = args.pairs, args.resolution // 8
+    time_ids = default_time_ids(args.resolution, 1).expand(pairs, 2, 6).to(device) if sdxl else None
+    prompts = ["a photo of a red fox in the snow"] * pairs
     if design == "common":
         reference_unet = copy.deepcopy(unet).requires_grad_(False).eval()
-        vae = sd15_vae().eval().requires_grad_(False)
-        text_encoder = clip_l_text()
-        tokenizer = build_clip_tokenizer(tempfile.mkdtemp())
-        pixels = torch.rand(pairs * 2, 3, resolution, resolution) * 2 - 1
-        ids = tokenize(tokenizer, ["a photo of a red fox in the snow"] * pairs)
+        with torch.device(device):  # the VAE in fp32, as training runs it by default
+            vae = sd15_vae().eval().requires_grad_(False)
+            encoders = [clip_l_text()] + ([clip_bigg_text()] if sdxl else [])
+        for encoder in encoders:
+            encoder.to(dtype=weight_dtype)
+        tokenizers = [build_clip_tokenizer(tempfile.mkdtemp()) for _ in encoders]
+        pixels = torch.rand(pairs * 2, 3, args.resolution, args.resolution, device=device) * 2 - 1
 
-        def reference(noisy, t, cond, time_ids):
-            return unet_forward(reference_unet, noisy, t, cond, time_ids)
+        def reference(noisy, t, cond, ids):
+            with accelerator.autocast():
+                return unet_forward(reference_unet, noisy, t, cond, ids)
 
-    add_lora(unet, rank=8)
+    add_lora(unet, rank=args.rank)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     unet.train()
+    optimizer = torch.optim.AdamW(lora_parameters(unet), lr=1e-5)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
     if design == "ours":
         reference = lora_reference(accelerator, unet)
-        cached_latents = torch.randn(pairs, 2, 4, latent, latent)
-        cached_context = torch.randn(pairs, 77, 768)
-    optimizer = torch.optim.AdamW(lora_parameters(unet), lr=1e-5)
+        cached_latents = torch.randn(pairs, 2, 4, latent, latent, device=device)
+        width = 2048 if sdxl else 768
+        cached = Conditioning(
+            torch.randn(pairs, 77, width, device=device, dtype=weight_dtype),
+            torch.randn(pairs, 1280, device=device, dtype=weight_dtype) if sdxl else None,
+        )
 
     def step():
         if design == "ours":
-            latents, cond = cached_latents, Conditioning(cached_context)
+            latents, cond = cached_latents, cached
         else:
             with torch.no_grad():
                 encoded = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
-                cond = Conditioning(text_encoder(ids)[0])
+                cond = (
+                    Conditioning(*encode_sdxl(tokenizers, encoders, prompts))
+                    if sdxl
+                    else Conditioning(encode_sd(tokenizers[0], encoders[0], prompts))
+                )
             latents = encoded.view(pairs, 2, 4, latent, latent)
-        figures = pair_step(unet, reference, scheduler, latents, cond, None, beta=5000.0)
-        figures["loss"].backward()
+        figures = pair_step(unet, reference, scheduler, latents, cond, time_ids, beta=5000.0)
+        accelerator.backward(figures["loss"])
         optimizer.step()
         optimizer.zero_grad()
 
-    for _ in range(warmup):
+    for _ in range(args.warmup):
         step()
+    synchronize(device)
     times = []
-    for _ in range(steps):
+    for _ in range(args.steps):
         start = time.perf_counter()
         step()
+        synchronize(device)
         times.append(time.perf_counter() - start)
-    return {
+    result = {
         "design": design,
-        "pairs_per_s": pairs / min(times),
+        "pairs_per_s": pairs / median(times),
         "seconds_per_step": times,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
+    if device.type == "cuda":
+        result["peak_gpu_memory_gb"] = peak_memory_gb(device)
+        peak = matmul_peak_tflops(device)
+        result["matmul_peak_bf16_tflops"] = peak
+        torch.cuda.empty_cache()
+        try:  # the counter keeps extra tensors alive: a step at the memory edge can fail here
+            flops = count_flops(step)
+        except torch.OutOfMemoryError:
+            result["step_tflop"] = "out of memory while counting"
+        else:
+            result["step_tflop"] = flops / 1e12
+            result["achieved_tflops"] = flops / median(times) / 1e12
+            result["fraction_of_bf16_roofline"] = result["achieved_tflops"] / peak
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--family", choices=["sd", "sdxl"], default="sd")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--pairs", type=int, default=1, help="pairs per step")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps (the best is kept)")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (the median is kept)")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--designs", default="ours,common", help="comma-separated")
     parser.add_argument("--design", choices=["ours", "common"], help="run one design here")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
     if args.design:
-        result = run_design(args.design, args.resolution, args.pairs, args.steps, args.warmup)
-        print("RESULT " + json.dumps(result))
+        print("RESULT " + json.dumps(run_design(args.design, args)))
         return
-    figures = {"resolution": args.resolution, "pairs_per_step": args.pairs,
-               "threads": torch.get_num_threads()}  # fmt: skip
-    for design in ("ours", "common"):
-        command = [sys.executable, __file__, "--design", design, "--resolution",
-                   str(args.resolution), "--pairs", str(args.pairs), "--steps", str(args.steps),
-                   "--warmup", str(args.warmup)]  # fmt: skip
+    options = {k: v for k, v in vars(args).items() if k not in ("design", "designs", "json")}
+    figures = dict(options, threads=torch.get_num_threads(), machine=describe_machine(args.device))
+    designs = args.designs.split(",")
+    for design in designs:
+        command = [sys.executable, __file__, "--design", design]
+        for key, value in options.items():
+            flag = "--" + key.replace("_", "-")
+            if isinstance(value, bool):
+                command += [flag] if value else []
+            else:
+                command += [flag, str(value)]
         done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
         line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
-        if done.returncode or not line:
-            raise SystemExit(f"{design} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+        if done.returncode or not line:  # e.g. out of memory: recorded, the other design runs
+            print(
+                f"{design} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}", file=sys.stderr
+            )
+            error = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            figures[design] = {"design": design, "error": error[:500]}
+            continue
         figures[design] = json.loads(line[0][len("RESULT ") :])
-    ours, common = figures["ours"], figures["common"]
-    figures["speed_ratio"] = ours["pairs_per_s"] / common["pairs_per_s"]
-    figures["memory_ratio"] = ours["peak_rss_gb"] / common["peak_rss_gb"]
-    figures["machine"] = (
-        f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    )
+    if len(designs) == 2 and all("error" not in figures[d] for d in designs):
+        ours, common = figures["ours"], figures["common"]
+        memory = "peak_gpu_memory_gb" if args.device != "cpu" else "peak_rss_gb"
+        figures["speed_ratio"] = ours["pairs_per_s"] / common["pairs_per_s"]
+        figures["memory_ratio"] = ours[memory] / common[memory]
     print(json.dumps(figures, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")

@@ -62,8 +62,12 @@ def aligned_vs_base(
     seeds_per_prompt: int = 1,
     steps: int = 20,
     guidance_scale: float = 5.0,
+    device: str | None = None,
 ) -> dict:
     """Oracle win rate of an aligned model over its base on held-out toy prompts, same seeds.
+
+    Sampling runs on ``device`` (default: the GPU when there is one). Seeds make the same noise
+    on one kind of device; a GPU run's images differ from a CPU run's.
 
     ``aligned`` is a folder with ``pytorch_lora_weights.safetensors`` (loaded with
     ``align.lora.load_lora``) or a ``unet`` subfolder (full fine-tuning). Prompt k of the test
@@ -78,13 +82,16 @@ def aligned_vs_base(
     test = prompt_splits()["test"][:prompts]
     texts = [a.prompt for a in test for _ in range(seeds_per_prompt)]
     seeds = list(range(len(texts)))
-    pipe = DiffusionPipeline.from_pretrained(base)
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = DiffusionPipeline.from_pretrained(base).to(device)
     base_images = generate(pipe, texts, seeds, steps, guidance_scale, progress=True)
     aligned = Path(aligned)
     if (aligned / WEIGHT_NAME).exists():
         load_lora(pipe, aligned)
     else:
-        pipe.unet = UNet2DConditionModel.from_pretrained(aligned / "unet")
+        pipe.unet = UNet2DConditionModel.from_pretrained(aligned / "unet").to(device)
     aligned_images = generate(pipe, texts, seeds, steps, guidance_scale, progress=True)
     result = oracle_compare(texts, aligned_images, base_images)
     return {
@@ -93,7 +100,7 @@ def aligned_vs_base(
         "base": result["b"],
         "prompts": len(test),
         "seeds_per_prompt": seeds_per_prompt,
-        "sampling": {"steps": steps, "guidance_scale": guidance_scale},
+        "sampling": {"steps": steps, "guidance_scale": guidance_scale, "device": device},
     }
 
 

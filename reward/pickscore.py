@@ -13,8 +13,10 @@ reward recipe writes) loads the same way.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
@@ -74,9 +76,10 @@ def _bicubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
 
 
 @lru_cache(maxsize=64)
-def resize_weights(in_size: int, out_size: int) -> torch.Tensor:
+def resize_weights(in_size: int, out_size: int, device: str = "cpu") -> torch.Tensor:
     """(out, in) matrix of PIL's antialiased bicubic resampling along one axis: downscaling
-    widens the kernel by the scale factor, so every input pixel contributes."""
+    widens the kernel by the scale factor, so every input pixel contributes. Cached per device,
+    so a GPU batch does not wait on a host-to-device copy."""
     scale = in_size / out_size
     widen = max(scale, 1.0)
     support = 2.0 * widen
@@ -87,24 +90,86 @@ def resize_weights(in_size: int, out_size: int) -> torch.Tensor:
         last = min(int(centre + support + 0.5), in_size)
         taps = _bicubic((np.arange(first, last) - centre + 0.5) / widen)
         weights[i, first:last] = taps / taps.sum()
-    return torch.from_numpy(weights).float()
+    return torch.from_numpy(weights).float().to(device)
+
+
+def same_size_float_tensors(images: Sequence[ImageLike]) -> bool:
+    """Whether ``images`` are all (3, H, W) floating-point tensors of one size."""
+    shapes = {
+        tuple(image.shape)
+        if isinstance(image, torch.Tensor) and image.is_floating_point()
+        else None
+        for image in images
+    }
+    return len(shapes) == 1 and None not in shapes and len(next(iter(shapes))) == 3
+
+
+@lru_cache(maxsize=1)
+def host_pool() -> ThreadPoolExecutor:
+    """Threads that turn images into uint8 arrays for the device path (numpy, and PIL from
+    Pillow 13 on, release the GIL while copying pixels)."""
+    return ThreadPoolExecutor(
+        max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="pickscore"
+    )
+
+
+@lru_cache(maxsize=1)
+def pipeline_pool() -> ThreadPoolExecutor:
+    """One thread that stages the next batch's pixels while the device embeds this one."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="pickscore-stage")
 
 
 class PickScore:
-    """A preference reward: higher score = more likely to be preferred for the prompt."""
+    """A preference reward: higher score = more likely to be preferred for the prompt.
+
+    ``preprocess`` chooses where images become CLIP pixel values: ``"processor"`` runs the CLIP
+    processor on the CPU (the model card's way), ``"device"`` uploads uint8 pixels and resizes,
+    crops and normalises them on ``device`` (``preprocess_tensor``: float instead of the
+    processor's uint8 rounding), ``"auto"`` picks the device on a GPU, where the processor would
+    be the bottleneck. A frozen reward on a GPU keeps its weights in ``dtype`` (bf16 by default).
+    """
 
     def __init__(
-        self, model, processor, device: str | torch.device | None = None, dtype=None, freeze=True
+        self,
+        model,
+        processor,
+        device: str | torch.device | None = None,
+        dtype=None,
+        freeze=True,
+        preprocess: str = "auto",
     ):
+        if preprocess not in ("auto", "processor", "device"):
+            raise ValueError(f"preprocess must be auto, processor or device, got {preprocess!r}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        on_gpu = self.device.type == "cuda"
         # Half precision only where it pays off; on CPU bf16 autocast is opt-in via dtype.
-        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
+        self.preprocess = (
+            preprocess if preprocess != "auto" else "device" if on_gpu else "processor"
+        )
+        self._logit_scale = None
         if freeze:  # a reward is frozen; validation during training scores the live model
             model = model.eval().requires_grad_(False)
+            if on_gpu and self.dtype in (torch.bfloat16, torch.float16):
+                # half weights: no per-forward casts under autocast, half the memory; the score
+                # scale stays fp32 (bf16 would round exp(logit_scale) = 100 by up to 0.4%)
+                self._logit_scale = model.logit_scale.detach().float().exp().to(self.device)
+                model = model.to(self.dtype)
         self.model = model.to(self.device)
         self.processor = processor
         self.max_length = processor.tokenizer.model_max_length
         self._warned_truncation = False
+        image_processor = processor.image_processor
+        self._mean_std = [
+            torch.tensor(v, device=self.device).view(1, 3, 1, 1)
+            for v in (image_processor.image_mean, image_processor.image_std)
+        ]
+
+    def logit_scale(self) -> torch.Tensor:
+        """exp(logit_scale) in fp32, the factor from cosine similarity to score."""
+        if self._logit_scale is not None:
+            return self._logit_scale
+        return self.model.logit_scale.exp().float()
 
     @classmethod
     def from_pretrained(
@@ -162,16 +227,90 @@ class PickScore:
     def embed_images(
         self, images: Sequence[ImageLike], batch_size: int | None = None
     ) -> torch.Tensor:
-        # Large batches feed a GPU; on a CPU the vision tower runs faster in small ones
-        # (ViT-B/16, 2 cores: 3.4 images/s at batch 8, 2.8 at batch 64).
-        batch_size = batch_size or (64 if self.device.type == "cuda" else 8)
+        """L2-normalised image embeddings (N, D), in batches of ``batch_size``.
+
+        Default batch: 8 on a CPU, where the vision tower runs faster in small batches (ViT-B/16,
+        2 cores: 3.4 images/s at batch 8, 2.8 at batch 64); on a GPU 64, or half the images of a
+        smaller call, so that with device preprocessing the host prepares one batch's pixels
+        while the GPU embeds the previous one.
+        """
+        if batch_size is None:
+            on_gpu = self.device.type == "cuda"
+            batch_size = min(64, max(8, -(-len(images) // 2))) if on_gpu else 8
+        batches = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+        if self.preprocess == "device" and same_size_float_tensors(images):
+            # decoded images already in [0, 1] (e.g. a pipeline's output_type="pt"): no host trip
+            pixel_batches = (
+                self.preprocess_tensor(torch.stack(list(b)).to(self.device).clamp(0, 1), (0.0, 1.0))
+                for b in batches
+            )
+        elif self.preprocess == "device":
+            pixel_batches = (self.upload_pixels(groups) for groups in self._staged_ahead(batches))
+        else:
+            pixel_batches = (self.processor_pixels(batch) for batch in batches)
         chunks = []
-        for start in range(0, len(images), batch_size):
-            pils = [to_pil(image) for image in images[start : start + batch_size]]
-            pixels = self.processor.image_processor(images=pils, return_tensors="pt").pixel_values
+        for pixels in pixel_batches:
             with self._autocast():
-                chunks.append(image_embeddings(self.model, pixels.to(self.device)))
+                chunks.append(image_embeddings(self.model, pixels))
         return torch.cat(chunks)
+
+    def _staged_ahead(self, batches):
+        """``stage_pixels`` of each batch, the next one staged on a thread while the caller
+        works on the current one (one batch ahead, so host memory stays bounded)."""
+        pool = pipeline_pool()
+        pending = pool.submit(self.stage_pixels, batches[0]) if batches else None
+        for k in range(len(batches)):
+            staged = pending.result()
+            if k + 1 < len(batches):
+                pending = pool.submit(self.stage_pixels, batches[k + 1])
+            yield staged
+
+    def processor_pixels(self, images: Sequence[ImageLike]) -> torch.Tensor:
+        """CLIP pixel values from the processor on the CPU, as the model card makes them."""
+        pils = [to_pil(image) for image in images]
+        pixels = self.processor.image_processor(images=pils, return_tensors="pt").pixel_values
+        return pixels.to(self.device)
+
+    def device_pixels(self, images: Sequence[ImageLike]) -> torch.Tensor:
+        """CLIP pixel values made on the device (``stage_pixels``, then ``upload_pixels``)."""
+        return self.upload_pixels(self.stage_pixels(images))
+
+    def stage_pixels(self, images: Sequence[ImageLike]) -> list[tuple[list[int], torch.Tensor]]:
+        """The host half of device preprocessing: RGB uint8 pixels of same-size images stacked
+        in (pinned, on a GPU) host memory, as (indices, (n, H, W, 3)) per size."""
+        pool = host_pool()
+        arrays = list(pool.map(lambda image: np.asarray(to_pil(image)), images))
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, array in enumerate(arrays):
+            groups.setdefault(array.shape[:2], []).append(i)
+        staged = []
+        for (height, width), members in groups.items():
+            host = torch.empty(
+                (len(members), height, width, 3), dtype=torch.uint8,
+                pin_memory=self.device.type == "cuda",
+            )  # fmt: skip
+            view = host.numpy()
+            copies = [pool.submit(np.copyto, view[k], arrays[i]) for k, i in enumerate(members)]
+            for copy in copies:
+                copy.result()
+            staged.append((members, host))
+        return staged
+
+    def upload_pixels(self, staged: list[tuple[list[int], torch.Tensor]]) -> torch.Tensor:
+        """The device half: one upload per size (asynchronous from pinned memory), then
+        ``preprocess_tensor``; returns the pixel values in the images' original order."""
+        pin = self.device.type == "cuda"
+        values = []
+        for _, host in staged:
+            pixels = host.to(self.device, non_blocking=pin).permute(0, 3, 1, 2)
+            values.append(self.preprocess_tensor(pixels, value_range=(0.0, 255.0)))
+        if len(staged) == 1:
+            return values[0]
+        order = torch.tensor([i for members, _ in staged for i in members])
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order))
+        inverse = (inverse.pin_memory() if pin else inverse).to(self.device, non_blocking=pin)
+        return torch.cat(values)[inverse]
 
     @torch.inference_mode()
     def score(
@@ -190,8 +329,7 @@ class PickScore:
             raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
         unique = list(dict.fromkeys(prompts))
         text = self.embed_prompts(unique)[[unique.index(p) for p in prompts]]
-        scale = self.model.logit_scale.exp().float()
-        return (scale * (text * self.embed_images(images, batch_size)).sum(-1)).cpu()
+        return (self.logit_scale() * (text * self.embed_images(images, batch_size)).sum(-1)).cpu()
 
     def probs(self, prompt: str, images: Sequence[ImageLike]) -> torch.Tensor:
         """Probability (N,) that each candidate is the one preferred for ``prompt``."""
@@ -214,13 +352,12 @@ class PickScore:
             new_h, new_w = size, int(size * width / height)
         else:
             new_h, new_w = int(size * height / width), size
-        rows = resize_weights(height, new_h).to(pixels.device)  # (new_h, H)
-        cols = resize_weights(width, new_w).to(pixels.device)  # (new_w, W)
+        rows = resize_weights(height, new_h, str(pixels.device))  # (new_h, H)
+        cols = resize_weights(width, new_w, str(pixels.device))  # (new_w, W)
         pixels = rows @ pixels @ cols.T  # (B, 3, new_h, new_w)
         top, left = (new_h - crop_h) // 2, (new_w - crop_w) // 2
         pixels = pixels[..., top : top + crop_h, left : left + crop_w]
-        mean = torch.tensor(processor.image_mean, device=pixels.device).view(1, 3, 1, 1)
-        std = torch.tensor(processor.image_std, device=pixels.device).view(1, 3, 1, 1)
+        mean, std = (v.to(pixels.device) for v in self._mean_std)
         return (pixels - mean) / std
 
     def differentiable(
@@ -236,4 +373,4 @@ class PickScore:
         values = self.preprocess_tensor(pixels.to(self.device), value_range)
         with self._autocast():
             images = image_embeddings(self.model, values)
-        return self.model.logit_scale.exp().float() * (text * images).sum(-1)
+        return self.logit_scale() * (text * images).sum(-1)

@@ -98,6 +98,33 @@ def test_differentiable_reward_agrees_with_the_processor_and_has_gradients(score
     assert torch.allclose(in_unit_range, scores.detach(), atol=1e-4)
 
 
+def test_device_preprocessing_agrees_with_the_processor_and_keeps_order(scorer, monkeypatch):
+    from reward.toyworld import all_attributes, render
+
+    rng = np.random.default_rng(1)
+    combos = all_attributes()[::97][:5]
+    sizes = [64, 80, 64, 96, 80]  # three sizes, interleaved: grouped for upload, then reordered
+    pics = [render(a, rng, size=s) for a, s in zip(combos, sizes)]
+    prompts = [a.prompt for a in combos]
+    on_device = PickScore(scorer.model, scorer.processor, device="cpu", preprocess="device")
+    assert on_device.preprocess == "device" and scorer.preprocess == "processor"
+    reference = scorer.score(prompts, pics)
+    scores = on_device.score(prompts, pics)
+    # float resampling vs the processor's uint8 rounding, as for the differentiable reward
+    assert torch.allclose(scores, reference, rtol=0.02, atol=0.02)
+    assert torch.equal(scores.argsort(), reference.argsort())
+    # batches of 2: each batch staged on a thread while the previous one is embedded
+    assert torch.allclose(on_device.score(prompts, pics, batch_size=2), scores, atol=1e-5)
+    # float tensors in [0, 1] (a pipeline's output) go straight to preprocess_tensor
+    same = pics[:1] * 3
+    expected = on_device.score(prompts[:3], same)
+    tensors = [torch.from_numpy(np.array(p)).permute(2, 0, 1) / 255 for p in same]
+    monkeypatch.setattr(on_device, "stage_pixels", lambda images: pytest.fail("host trip"))
+    assert torch.allclose(on_device.score(prompts[:3], tensors), expected, atol=1e-4)
+    with pytest.raises(ValueError, match="preprocess"):
+        PickScore(scorer.model, scorer.processor, device="cpu", preprocess="gpu")
+
+
 def test_score_cli(tiny_models, tmp_path, capsys):
     paths = []
     for i, image in enumerate(images(2)):

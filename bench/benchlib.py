@@ -1,0 +1,75 @@
+"""Timing, FLOP counting and machine description shared by the scripts in bench/.
+
+Device work is asynchronous, so every timed region ends with a synchronise; figures are medians
+of repeats after warm-up calls. The bf16 roofline is the measured rate of a large bf16 matrix
+product on the same device, not a datasheet figure.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+
+import torch
+
+
+def synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, repeats: int, warmup: int = 1, device="cpu") -> tuple[list[float], object]:
+    """Seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones, and the
+    last call's result."""
+    result = None
+    for _ in range(warmup):
+        result = fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times, result
+
+
+def median(values) -> float:
+    return float(statistics.median(values))
+
+
+def matmul_peak_tflops(device, size: int = 8192, dtype=torch.bfloat16, repeats: int = 20) -> float:
+    """Measured TFLOP/s of a (size x size) @ (size x size) product on random data: the practical
+    roofline that model FLOP rates are quoted against."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    times, _ = timed(lambda: a @ b, repeats, warmup=3, device=device)
+    return 2 * size**3 / median(times) / 1e12
+
+
+def count_flops(fn) -> int:
+    """Floating-point operations of one call of ``fn`` (matrix products, convolutions and
+    attention, as torch's FLOP counter counts them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def describe_machine(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        memory = torch.cuda.get_device_properties(device).total_memory / 2**30
+        return f"{name} ({memory:.0f} GiB), torch {torch.__version__}"
+    return f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def peak_memory_gb(device) -> float | None:
+    """Peak GPU memory allocated by torch so far, in GB (None on a CPU)."""
+    if torch.device(device).type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 1e9
