@@ -86,6 +86,14 @@ class DPOConfig(RunConfig):
             "the reference's with this weight instead of training DPO (0: DPO, as the paper)."
         },
     )
+    timestep_bias: float = field(
+        default=1.0,
+        metadata={
+            "help": "Exponent k of the timestep draw t = T * u^(1/k), u uniform: 1 is the paper's "
+            "uniform draw; k > 1 trains noisier timesteps more (density grows as t^(k-1)), "
+            "where shape and layout are decided (a pickalign option)."
+        },
+    )
     loss: str = field(default="dpo", metadata={"help": "'dpo', or 'sft' (MSE on winners only)."})
     beta: float = field(default=5000.0, metadata={"help": "Diffusion-DPO beta."})
     mode: str = field(default="lora", metadata={"help": "'lora' or 'full' UNet fine-tuning."})
@@ -141,9 +149,19 @@ class DPOConfig(RunConfig):
 # One step, shared by every mode
 
 
+def draw_timesteps(n: int, steps: int, generator=None, bias: float = 1.0) -> torch.Tensor:
+    """n training timesteps in [0, steps): uniform for ``bias`` 1, else T * u^(1/bias), whose
+    density grows as t^(bias - 1): bias > 1 favours noisy timesteps, where composition is set."""
+    if bias == 1.0:
+        return torch.randint(0, steps, (n,), generator=generator)
+    u = torch.rand(n, generator=generator)
+    return (u.pow(1.0 / bias) * steps).long().clamp_max(steps - 1)
+
+
 def pair_step(unet, reference, scheduler, latents, cond: Conditioning, time_ids, *,
               beta: float, loss_type: str = "dpo", labels=None, generator=None,
-              anchor=None, anchor_weight: float = 0.0) -> dict:  # fmt: skip
+              anchor=None, anchor_weight: float = 0.0,
+              timestep_bias: float = 1.0) -> dict:  # fmt: skip
     """Diffusion-DPO loss of a batch of pairs.
 
     ``latents`` (B, 2, C, h, w) winner first; ``cond`` per pair; ``time_ids`` (B, 2, 6) or None;
@@ -153,14 +171,14 @@ def pair_step(unet, reference, scheduler, latents, cond: Conditioning, time_ids,
     ``anchor`` (B,) bool, optional: pairs (those given the empty prompt) that instead keep the
     policy's prediction at the reference's, weighted by ``anchor_weight``, so the unconditional
     branch that classifier-free guidance subtracts does not drift. Returns the loss and the
-    logged figures.
+    logged figures. ``timestep_bias`` k draws t = T * u^(1/k) (1: uniform, as the paper).
     """
     b, device = latents.shape[0], latents.device
     both = latents.transpose(0, 1).flatten(0, 1)  # (2B, ...): winners, then losers
     noise = torch.randn(latents[:, 0].shape, generator=generator).to(device, latents.dtype)
     noise = noise.repeat(2, 1, 1, 1)
     steps = scheduler.config.num_train_timesteps
-    t = torch.randint(0, steps, (b,), generator=generator).to(device).repeat(2)
+    t = draw_timesteps(b, steps, generator, timestep_bias).to(device).repeat(2)
     noisy = scheduler.add_noise(both, noise, t)
     target = prediction_target(scheduler, both, noise, t)
     cond2 = Conditioning(cond.context.repeat(2, 1, 1),
@@ -290,6 +308,8 @@ def check_config(config: DPOConfig, family: str) -> None:
             raise ValueError(f"{name} must be one of {allowed}, got {getattr(config, name)!r}")
     if not 0 <= config.caption_dropout < 1:
         raise ValueError(f"caption_dropout must be in [0, 1), got {config.caption_dropout}")
+    if config.timestep_bias <= 0:
+        raise ValueError(f"timestep_bias must be positive, got {config.timestep_bias}")
     if family not in ("sd", "sdxl"):
         raise ValueError(f"family must be 'sd' or 'sdxl', got {family!r}")
 
@@ -404,7 +424,7 @@ def train(config: DPOConfig, family: str) -> Path:
                     unet, reference, noise_scheduler, latents, cond, time_ids,
                     beta=config.beta, loss_type=config.loss, labels=batch.get("labels"),
                     generator=generator, anchor=dropped if config.uncond_anchor > 0 else None,
-                    anchor_weight=config.uncond_anchor,
+                    anchor_weight=config.uncond_anchor, timestep_bias=config.timestep_bias,
                 )  # fmt: skip
                 loss = figures["loss"]
                 check_finite(loss, step + 1)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from align.dpo import DPOConfig, lora_reference, pair_step, train
+from align.dpo import DPOConfig, draw_timesteps, lora_reference, pair_step, train
 from align.lora import LoraMismatchError, add_lora, load_lora, lora_parameters, save_lora
 from align.losses import diffusion_dpo_loss
 from align.models import load_parts
@@ -45,6 +45,19 @@ def test_loss_by_hand():
     assert terms.implicit_accuracy.item() == 0.5  # first pair ranked right, second wrong
     tie = diffusion_dpo_loss(win, lose, rw, rl, beta=10.0, labels=torch.tensor([0.5, 0.5]))
     assert tie.loss.item() > math.log(2)  # a tie is best served by moving neither image
+
+
+def test_timestep_bias_favours_noisy_timesteps_and_1_is_the_uniform_draw():
+    uniform = draw_timesteps(64, 1000, torch.Generator().manual_seed(0))
+    assert torch.equal(
+        uniform, torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(0))
+    )
+    for bias in (2.0, 4.0):
+        t = draw_timesteps(20000, 1000, torch.Generator().manual_seed(1), bias).float()
+        assert 0 <= t.min() and t.max() <= 999
+        assert t.mean().item() == pytest.approx(1000 * bias / (bias + 1), rel=0.02)  # E[u^(1/k)]
+    with pytest.raises(ValueError, match="timestep_bias"):
+        train(DPOConfig(model="unused", dataset="unused", timestep_bias=0), "sd")
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
