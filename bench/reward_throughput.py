@@ -221,8 +221,9 @@ def main() -> None:
     dump()  # before the optional compiled run, which can take minutes
     if args.compile and "bf16" in scorers:
         try:
-            scorer = scorers["bf16"]
-            scorer.model.vision_model.compile()
+            scorer = PickScore(
+                copy.deepcopy(model), processor, device, torch.bfloat16, compile=True
+            )
 
             @torch.inference_mode()
             def compiled_tower():

