@@ -26,7 +26,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -39,7 +38,7 @@ from bench.benchlib import (  # noqa: E402
     matmul_peak_tflops,
     median,
     peak_memory_gb,
-    synchronize,
+    timed,
 )
 
 
@@ -166,15 +165,7 @@ def run_design(design: str, args) -> dict:
         optimizer.step()
         optimizer.zero_grad()
 
-    for _ in range(args.warmup):
-        step()
-    synchronize(device)
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+    times, _ = timed(step, args.steps, args.warmup, device)
     result = {
         "design": design,
         "pairs_per_s": pairs / median(times),

@@ -73,6 +73,7 @@ def aligned_vs_base(
     ``align.lora.load_lora``) or a ``unet`` subfolder (full fine-tuning). Prompt k of the test
     split is sampled with seeds k * seeds_per_prompt + j for both models.
     """
+    import torch
     from diffusers import DiffusionPipeline, UNet2DConditionModel
 
     from align.lora import WEIGHT_NAME, load_lora
@@ -82,8 +83,6 @@ def aligned_vs_base(
     test = prompt_splits()["test"][:prompts]
     texts = [a.prompt for a in test for _ in range(seeds_per_prompt)]
     seeds = list(range(len(texts)))
-    import torch
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = DiffusionPipeline.from_pretrained(base).to(device)
     base_images = generate(pipe, texts, seeds, steps, guidance_scale, progress=True)

@@ -228,6 +228,14 @@ class PickScore:
         with self._autocast():
             return text_embeddings(self.model, **self._tokens(prompts))
 
+    def _text_per_image(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Prompt embeddings (N, D), one row per image, each distinct prompt encoded once (under
+        the caller's grad mode: inference mode for ``score``, no_grad for ``differentiable``)."""
+        row = {prompt: i for i, prompt in enumerate(dict.fromkeys(prompts))}
+        with self._autocast():
+            text = text_embeddings(self.model, **self._tokens(list(row)))
+        return text[[row[p] for p in prompts]]
+
     @torch.inference_mode()
     def embed_images(
         self, images: Sequence[ImageLike], batch_size: int | None = None
@@ -295,9 +303,7 @@ class PickScore:
                 pin_memory=self.device.type == "cuda",
             )  # fmt: skip
             view = host.numpy()
-            copies = [pool.submit(np.copyto, view[k], arrays[i]) for k, i in enumerate(members)]
-            for copy in copies:
-                copy.result()
+            list(pool.map(np.copyto, view, [arrays[i] for i in members]))
             staged.append((members, host))
         return staged
 
@@ -327,13 +333,12 @@ class PickScore:
         """Scores (N,) of ``images[i]`` for ``prompts[i]`` (or for the one prompt given).
 
         Each distinct prompt is encoded once, however many images it scores; images go through
-        the vision tower in batches of ``batch_size`` (default 64 on a GPU, 8 on a CPU).
+        the vision tower in batches of ``batch_size`` (default: see ``embed_images``).
         """
         prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
         if len(prompts) != len(images):
             raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
-        unique = list(dict.fromkeys(prompts))
-        text = self.embed_prompts(unique)[[unique.index(p) for p in prompts]]
+        text = self._text_per_image(prompts)
         return (self.logit_scale() * (text * self.embed_images(images, batch_size)).sum(-1)).cpu()
 
     def probs(self, prompt: str, images: Sequence[ImageLike]) -> torch.Tensor:
@@ -371,10 +376,7 @@ class PickScore:
         """Scores (B,) of decoded image tensors that carry gradients back to ``pixels``."""
         prompts = [prompts] * len(pixels) if isinstance(prompts, str) else list(prompts)
         with torch.no_grad():
-            unique = list(dict.fromkeys(prompts))
-            with self._autocast():
-                text = text_embeddings(self.model, **self._tokens(unique))
-            text = text[[unique.index(p) for p in prompts]]
+            text = self._text_per_image(prompts)
         values = self.preprocess_tensor(pixels.to(self.device), value_range)
         with self._autocast():
             images = image_embeddings(self.model, values)
