@@ -134,6 +134,20 @@ class DPOConfig(RunConfig):
     )
     cache_shard_size: int = field(default=1024, metadata={"help": "Pairs per cache shard."})
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    validation_split: str | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out split (e.g. 'validation') on which the DPO loss and implicit "
+            "accuracy of the policy against the reference are logged every validation_steps "
+            "and at the end (uniform timesteps, the same noise each time)."
+        },
+    )
+    validation_steps: int = field(
+        default=0, metadata={"help": "Validate every N optimizer steps (0: only at the end)."}
+    )
+    validation_pairs: int = field(
+        default=512, metadata={"help": "Validate on at most this many held-out pairs."}
+    )
     toy_eval_prompts: int = field(
         default=0,
         metadata={
@@ -141,6 +155,12 @@ class DPOConfig(RunConfig):
         },
     )
     toy_eval_seeds: int = field(default=1, metadata={"help": "Toy world: seeds per prompt."})
+    toy_eval_split: str = field(
+        default="test",
+        metadata={
+            "help": "Toy world: judge on 'test' prompts, or 'validation' to choose settings."
+        },
+    )
     sample_steps: int = field(default=20, metadata={"help": "Sampling steps of the evaluation."})
     guidance_scale: float = field(default=5.0, metadata={"help": "Guidance of the evaluation."})
 
@@ -278,27 +298,69 @@ def make_optimizer(parameters, config: DPOConfig):
     raise ValueError(f"optimizer must be adamw, adamw_8bit or adafactor, got {config.optimizer!r}")
 
 
-def make_dataset(config: DPOConfig, parts, accelerator):
-    """Raw pairs, or the precompute cache (built on the main process first if missing)."""
-    rows = load_pickapic(config.dataset, config.split, streaming=False)
+def make_dataset(config: DPOConfig, parts, accelerator, split: str | None = None):
+    """Raw pairs of ``split`` (default: the training split, with its augmentation; any other
+    split centre-cropped and unflipped, at most ``validation_pairs``), or their precompute cache
+    (built on the main process first if missing; another split's cache sits beside the
+    training one as ``<cache_dir>-<split>``)."""
+    split = split or config.split
+    training = split == config.split
+    rows = load_pickapic(config.dataset, split, streaming=False)
+    crop, flip = (config.random_crop, config.random_flip) if training else (False, False)
     pairs = PreferencePairs(
         rows, config.resolution, PairFilter(keep_ties=config.keep_ties), config.skip_bad_rows,
-        config.random_crop, config.random_flip, config.seed,
+        crop, flip, config.seed,
     )  # fmt: skip
-    if config.max_pairs:
-        pairs.index = pairs.index[: config.max_pairs]
+    limit = config.max_pairs if training else config.validation_pairs
+    if limit:
+        pairs.index = pairs.index[:limit]
     if not config.cache_dir:
         return pairs
+    cache_dir = config.cache_dir if training else f"{config.cache_dir.rstrip('/')}-{split}"
     if accelerator.is_main_process:
         parts.to(accelerator.device)
         describe = {"model": config.model, "vae": config.vae, "dataset": config.dataset,
-                    "split": config.split, "resolution": config.resolution,
-                    "random_crop": config.random_crop, "random_flip": config.random_flip,
-                    "keep_ties": config.keep_ties, "max_pairs": config.max_pairs}  # fmt: skip
-        build_cache(parts, pairs, config.cache_dir, config.cache_shard_size,
+                    "split": split, "resolution": config.resolution,
+                    "random_crop": crop, "random_flip": flip,
+                    "keep_ties": config.keep_ties, "max_pairs": limit}  # fmt: skip
+        build_cache(parts, pairs, cache_dir, config.cache_shard_size,
                     describe=describe, progress=accelerator.is_local_main_process)  # fmt: skip
     accelerator.wait_for_everyone()
-    return CachedPairs(config.cache_dir)
+    return CachedPairs(cache_dir)
+
+
+@torch.no_grad()
+def validate(unet, reference, noise_scheduler, dataset, parts, *, config: DPOConfig, family: str,
+             device) -> dict[str, float]:  # fmt: skip
+    """DPO loss and implicit accuracy of the policy against the reference on held-out pairs.
+
+    Timesteps are drawn uniformly and the noise of batch k comes from a fixed seed, so every
+    validation of a run sees the same draws and its figures compare across steps. Every process
+    evaluates all pairs (the same figures on each; a sharded UNet needs all ranks in step).
+    """
+    cached = isinstance(dataset, CachedPairs)
+    was_training = unet.training
+    unet.eval()
+    sums, count = {"loss": 0.0, "implicit_accuracy": 0.0}, 0
+    for k, start in enumerate(range(0, len(dataset), config.batch_size)):
+        end = min(start + config.batch_size, len(dataset))
+        batch = collate_pairs([dataset[i] for i in range(start, end)])
+        if batch is None:
+            continue
+        latents, cond, time_ids = batch_inputs(batch, parts, cached, device)
+        generator = torch.Generator().manual_seed(hash((config.seed, -1, k)) % 2**63)
+        figures = pair_step(
+            unet, reference, noise_scheduler, latents, cond, time_ids if family == "sdxl" else None,
+            beta=config.beta, labels=batch.get("labels"), generator=generator,
+        )  # fmt: skip
+        for key in sums:
+            sums[key] += float(figures[key]) * len(latents)
+        count += len(latents)
+    unet.train(was_training)
+    if count == 0:
+        raise ValueError(f"validation split {config.validation_split!r} has no usable pairs")
+    return {"val/loss": sums["loss"] / count,
+            "val/implicit_accuracy": sums["implicit_accuracy"] / count, "val/pairs": count}  # fmt: skip
 
 
 def check_config(config: DPOConfig, family: str) -> None:
@@ -354,6 +416,11 @@ def train(config: DPOConfig, family: str) -> Path:
     unet.train()
 
     dataset = make_dataset(config, parts, accelerator)
+    held_out = (
+        make_dataset(config, parts, accelerator, config.validation_split)
+        if config.validation_split
+        else None
+    )
     cached = isinstance(dataset, CachedPairs)
     if cached:
         empty = {k: v.to(accelerator.device) for k, v in dataset.empty_prompt().items()}
@@ -399,7 +466,7 @@ def train(config: DPOConfig, family: str) -> Path:
         )
     noise_scheduler = parts.noise_scheduler
     bar = progress_bar(accelerator, config.max_steps, step, desc=f"dpo {family}")
-    skipped, logs, micro = 0, {}, 0
+    skipped, logs, micro, validation = 0, {}, 0, None
     while step < config.max_steps:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch)
@@ -448,6 +515,21 @@ def train(config: DPOConfig, family: str) -> Path:
                     log.write(json.dumps({"step": step, **logs}) + "\n")
             if step % config.logging_steps == 0 or step == config.max_steps:
                 accelerator.log(logs, step=step)
+            if held_out is not None and (
+                step == config.max_steps
+                or (config.validation_steps and step % config.validation_steps == 0)
+            ):
+                validation = validate(unet, reference, noise_scheduler, held_out, parts,
+                                      config=config, family=family, device=accelerator.device)  # fmt: skip
+                accelerator.log(validation, step=step)
+                if accelerator.is_main_process:
+                    with open(out / "log.jsonl", "a") as log:
+                        log.write(json.dumps({"step": step, **validation}) + "\n")
+                    bar.write(  # a line above the progress bar, not through it
+                        f"step {step}: validation loss {validation['val/loss']:.4f}, implicit "
+                        f"accuracy {validation['val/implicit_accuracy']:.3f} "
+                        f"on {validation['val/pairs']} pairs"
+                    )
             if config.checkpointing_steps and step % config.checkpointing_steps == 0:
                 save_checkpoint(accelerator, config, step,
                                 extra_files=release_writer(accelerator, unet, config, family))  # fmt: skip
@@ -463,6 +545,9 @@ def train(config: DPOConfig, family: str) -> Path:
         "final_loss": logs.get("train/loss"),
         "final_implicit_accuracy": logs.get("train/implicit_accuracy"),
     }  # fmt: skip
+    if validation is not None:
+        metrics["validation"] = {"split": config.validation_split, "step": step,
+                                 **{k.split("/")[1]: v for k, v in validation.items()}}  # fmt: skip
     writer = release_writer(accelerator, unet, config, family)
     if accelerator.is_main_process:
         with atomic_path(final) as tmp:

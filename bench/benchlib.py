@@ -39,13 +39,20 @@ def median(values) -> float:
     return float(statistics.median(values))
 
 
+def matmul_tflops(device, m: int, k: int, n: int, dtype=torch.bfloat16, repeats: int = 20,
+                  warmup: int = 3) -> float:  # fmt: skip
+    """Measured TFLOP/s of an (m x k) @ (k x n) product on random data, the right operand stored
+    as a linear layer's (n x k) weight."""
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    weight = torch.randn(n, k, device=device, dtype=dtype)
+    times, _ = timed(lambda: torch.nn.functional.linear(a, weight), repeats, warmup, device)
+    return 2 * m * k * n / median(times) / 1e12
+
+
 def matmul_peak_tflops(device, size: int = 8192, dtype=torch.bfloat16, repeats: int = 20) -> float:
-    """Measured TFLOP/s of a (size x size) @ (size x size) product on random data: the practical
-    roofline that model FLOP rates are quoted against."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    times, _ = timed(lambda: a @ b, repeats, warmup=3, device=device)
-    return 2 * size**3 / median(times) / 1e12
+    """Measured TFLOP/s of a (size x size) @ (size x size) product: the practical roofline that
+    model FLOP rates are quoted against."""
+    return matmul_tflops(device, size, size, size, dtype, repeats)
 
 
 def count_flops(fn) -> int:

@@ -1,8 +1,9 @@
 """Images per second of PickScore.score against the model card's usage, side by side.
 
 Same CLIP architecture for both, random weights: ViT-B/16 on a CPU, ViT-H/14 (PickScore's own
-size) on a GPU; 8 prompts x 8 images of 512 px by default. Paths measured in one run, each the
-median of its repeats after warm-up:
+size) on a GPU; 8 prompts x 8 images of 512 px by default. Paths measured in one run, round-robin
+(each repeat times every path once, so a shared machine's drift moves them alike), each figure
+the median of its repeats after warm-up:
 
 - ceiling: the image tower's raw forward on already-preprocessed pixels, batch 64 and 8, in
   each precision exactly as ``PickScore`` runs it (fp32; bf16 autocast on a CPU, bf16 weights
@@ -13,7 +14,10 @@ median of its repeats after warm-up:
   already on the GPU, as a sampling pipeline hands them over.
 
 On a GPU it also reports the bf16 roofline: FLOPs of one ``score`` call (counted by torch's FLOP
-counter) times calls per second, over the measured rate of an 8192^3 bf16 matrix product.
+counter) times calls per second, over the measured rate of an 8192^3 bf16 matrix product. On a
+CPU it reports the matrix-product bound instead: this CPU's measured rate for the tower's own MLP
+product, in fp32 and in bf16, over the tower's FLOPs per image: the fastest any path could embed
+an image if everything but the matrix products were free.
 
     python bench/reward_throughput.py [--repeats N] [--fp32-only] [--json out.json]
 """
@@ -35,6 +39,7 @@ from bench.benchlib import (  # noqa: E402
     count_flops,
     describe_machine,
     matmul_peak_tflops,
+    matmul_tflops,
     median,
     timed,
 )
@@ -139,10 +144,10 @@ def main() -> None:
     figures = {"arch": arch, "images": n, "image_px": args.size, "repeats": repeats,
                "machine": describe_machine(device)}  # fmt: skip
 
-    def rate(name, fn):
-        times, result = timed(fn, repeats, warmup, device)
-        figures[f"{name}_images_per_s"] = n / median(times)
-        return result
+    # Every path is registered first, then timed round-robin: each repeat runs every path once,
+    # so drift in a shared machine's speed moves all paths alike and the ratios hold.
+    paths: dict[str, object] = {}
+    results: dict[str, object] = {}
 
     @torch.inference_mode()
     def model_card():
@@ -157,8 +162,7 @@ def main() -> None:
             scores.append(model.logit_scale.exp() * (text_embs @ image_embs.T)[0])
         return torch.cat(scores).cpu()
 
-    reference = rate("model_card", model_card)
-
+    paths["model_card"] = model_card
     pixels = processor.image_processor(images=flat_images, return_tensors="pt").pixel_values
     decoded = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in flat_images])
     decoded = decoded.to(device).float() / 255
@@ -178,24 +182,63 @@ def main() -> None:
                 ]
 
         for batch in (64, 8):
-            rate(f"tower_{name}_batch{batch}", lambda b=batch: tower(b))
+            paths[f"tower_{name}_batch{batch}"] = lambda b=batch, t=tower: t(b)
+        if on_gpu:  # the default batch halves a call of up to 128 images to overlap host work
+            paths[f"ours_{name}_batch64"] = lambda s=scorer: s.score(flat_texts, flat_images, 64)
+            # the same images as a pipeline decodes them: float tensors in [0, 1] on the GPU
+            paths[f"ours_{name}_from_gpu_tensors"] = lambda s=scorer: s.score(
+                flat_texts, decoded, 64
+            )
+        paths[f"ours_{name}"] = lambda s=scorer: s.score(flat_texts, flat_images)
+    if on_gpu:
+        scorer = scorers.get("bf16", scorers["fp32"])
+        paths["device_preprocessing_only"] = lambda: scorer.device_pixels(flat_images)
+
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for name, fn in paths.items():
+        results[name] = timed(fn, 0, warmup, device)[1]
+    for _ in range(repeats):
+        for name, fn in paths.items():
+            took, results[name] = timed(fn, 1, 0, device)
+            times[name] += took
+    for name in paths:
+        figures[f"{name}_images_per_s"] = n / median(times[name])
+    reference = results["model_card"]
+    for name, _ in precisions:
         figures[f"ceiling_{name}_images_per_s"] = max(
             figures[f"tower_{name}_batch{b}_images_per_s"] for b in (64, 8)
         )
-        if on_gpu:  # the default batch halves a call of up to 128 images to overlap host work
-            rate(f"ours_{name}_batch64", lambda s=scorer: s.score(flat_texts, flat_images, 64))
-            # the same images as a pipeline decodes them: float tensors in [0, 1] on the GPU
-            rate(f"ours_{name}_from_gpu_tensors", lambda s=scorer: s.score(flat_texts, decoded, 64))
-        scores = rate(f"ours_{name}", lambda s=scorer: s.score(flat_texts, flat_images))
-        for key, value in agreement(scores, reference, args.per_prompt).items():
+        for key, value in agreement(results[f"ours_{name}"], reference, args.per_prompt).items():
             figures[f"ours_{name}_{key}_vs_fp32_card"] = value
         ours = figures[f"ours_{name}_images_per_s"]
         figures[f"ours_{name}_vs_ceiling_{name}"] = ours / figures[f"ceiling_{name}_images_per_s"]
         figures[f"ours_{name}_vs_model_card"] = ours / figures["model_card_images_per_s"]
 
-    if on_gpu:
-        scorer = scorers.get("bf16", scorers["fp32"])
-        rate("device_preprocessing_only", lambda: scorer.device_pixels(flat_images))
+    with torch.inference_mode():
+        k = min(8, n)
+        tower_flops = count_flops(lambda: image_embeddings(model, pixels[:k])) / k
+    figures["tower_gflops_per_image"] = tower_flops / 1e9
+    if not on_gpu:
+        # What bounds a CPU: the image tower is matrix products, so its ceiling is this CPU's
+        # matrix-product rate in each precision, measured on the tower's own MLP product (a
+        # batch of 8 images' tokens times the first MLP weight).
+        vision = model.config.vision_config
+        tokens = 8 * ((vision.image_size // vision.patch_size) ** 2 + 1)
+        shape = (tokens, vision.hidden_size, vision.intermediate_size)
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            rate_gflops = matmul_tflops(device, *shape, dtype, repeats=5, warmup=1) * 1e3
+            figures[f"matmul_{name}_gflops"] = rate_gflops
+            figures[f"matmul_bound_{name}_images_per_s"] = (
+                rate_gflops / figures["tower_gflops_per_image"]
+            )
+        for name in ("model_card", "ours_fp32", "ceiling_fp32"):
+            figures[f"{name}_share_of_fp32_matmul_bound"] = (
+                figures[f"{name}_images_per_s"] / figures["matmul_bound_fp32_images_per_s"]
+            )
+        figures["best_possible_fp32_vs_model_card"] = (
+            figures["matmul_bound_fp32_images_per_s"] / figures["model_card_images_per_s"]
+        )
+    else:
         peak = matmul_peak_tflops(device)
         flops = count_flops(lambda: scorer.score(flat_texts, flat_images))
         figures["matmul_peak_bf16_tflops"] = peak
@@ -204,13 +247,15 @@ def main() -> None:
             achieved = figures[f"ours_{name}_images_per_s"] * flops / n / 1e12
             figures[f"ours_{name}_tflops"] = achieved
             figures[f"ours_{name}_fraction_of_bf16_roofline"] = achieved / peak
-        with torch.inference_mode(), scorer._autocast():
-            tower_flops = count_flops(lambda: image_embeddings(scorer.model, pixels[:8])) / 8
-        figures["tower_gflops_per_image"] = tower_flops / 1e9
         for name, _ in precisions:
             achieved = figures[f"ceiling_{name}_images_per_s"] * tower_flops / 1e12
             figures[f"ceiling_{name}_fraction_of_bf16_roofline"] = achieved / peak
         figures["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+
+    def rate(name, fn):
+        took, result = timed(fn, repeats, warmup, device)
+        figures[f"{name}_images_per_s"] = n / median(took)
+        return result
 
     def dump():
         for key, value in figures.items():

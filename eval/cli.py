@@ -93,7 +93,8 @@ def _toy_eval(args: argparse.Namespace) -> int:
     if args.aligned:
         from eval.oracle import aligned_vs_base
 
-        report = aligned_vs_base(args.model, args.aligned, args.prompts, args.seeds_per_prompt)
+        report = aligned_vs_base(args.model, args.aligned, args.prompts, args.seeds_per_prompt,
+                                 split=args.split)  # fmt: skip
         print(json.dumps(report, indent=2))
         return 0
 
@@ -101,7 +102,7 @@ def _toy_eval(args: argparse.Namespace) -> int:
     from eval.oracle import oracle_compare
     from reward.toyworld import prompt_splits
 
-    prompts = [a.prompt for a in prompt_splits()["test"][: args.prompts]]
+    prompts = [a.prompt for a in prompt_splits()[args.split][: args.prompts]]
     seeds = list(range(args.seed, args.seed + len(prompts)))
     sample = lambda folder: generate(DiffusionPipeline.from_pretrained(folder), prompts, seeds)  # noqa: E731
     images = sample(args.model)
@@ -218,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     toy_eval.add_argument("--seeds-per-prompt", type=int, default=2, help="with --aligned")
     toy_eval.add_argument("--prompts", type=int, default=200, help="held-out prompts")
     toy_eval.add_argument("--seed", type=int, default=0, help="first seed (seed i+k for prompt k)")
+    toy_eval.add_argument(
+        "--split", choices=("test", "validation"), default="test",
+        help="held-out prompts to judge on: test (200) for figures, validation (50) for tuning",
+    )  # fmt: skip
     toy_eval.set_defaults(run=_toy_eval)
 
     score = commands.add_parser("score", help="PickScore of images for one prompt")

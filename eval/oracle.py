@@ -63,6 +63,7 @@ def aligned_vs_base(
     steps: int = 20,
     guidance_scale: float = 5.0,
     device: str | None = None,
+    split: str = "test",
 ) -> dict:
     """Oracle win rate of an aligned model over its base on held-out toy prompts, same seeds.
 
@@ -70,8 +71,9 @@ def aligned_vs_base(
     on one kind of device; a GPU run's images differ from a CPU run's.
 
     ``aligned`` is a folder with ``pytorch_lora_weights.safetensors`` (loaded with
-    ``align.lora.load_lora``) or a ``unet`` subfolder (full fine-tuning). Prompt k of the test
-    split is sampled with seeds k * seeds_per_prompt + j for both models.
+    ``align.lora.load_lora``) or a ``unet`` subfolder (full fine-tuning). Prompt k of ``split``
+    ("test" for reported figures, "validation" for choosing settings) is sampled with seeds
+    k * seeds_per_prompt + j for both models.
     """
     import torch
     from diffusers import DiffusionPipeline, UNet2DConditionModel
@@ -80,8 +82,11 @@ def aligned_vs_base(
     from align.sampling import generate
     from reward.toyworld import prompt_splits
 
-    test = prompt_splits()["test"][:prompts]
-    texts = [a.prompt for a in test for _ in range(seeds_per_prompt)]
+    splits = prompt_splits()
+    if split not in ("validation", "test"):
+        raise ValueError(f"split must be 'validation' or 'test', got {split!r}")
+    held_out = splits[split][:prompts]
+    texts = [a.prompt for a in held_out for _ in range(seeds_per_prompt)]
     seeds = list(range(len(texts)))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = DiffusionPipeline.from_pretrained(base).to(device)
@@ -97,7 +102,8 @@ def aligned_vs_base(
         "win_rate": result["win_rate"].as_dict(),
         "aligned": result["a"],
         "base": result["b"],
-        "prompts": len(test),
+        "prompts": len(held_out),
+        "split": split,
         "seeds_per_prompt": seeds_per_prompt,
         "sampling": {"steps": steps, "guidance_scale": guidance_scale, "device": device},
     }
@@ -114,14 +120,15 @@ def judge_toy_run(config, final: str | Path) -> dict | None:
         return None
     final = Path(final)
     report = aligned_vs_base(config.model, final, config.toy_eval_prompts, config.toy_eval_seeds,
-                             config.sample_steps, config.guidance_scale)  # fmt: skip
+                             config.sample_steps, config.guidance_scale,
+                             split=getattr(config, "toy_eval_split", "test"))  # fmt: skip
     metrics_path = final / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     metrics["toy_eval"] = report
     metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
     rate = report["win_rate"]
     line = (f"- toy world: oracle win rate over the base {rate['estimate']:.3f} "
-            f"[95% CI {rate['low']:.3f}, {rate['high']:.3f}] on {report['prompts']} held-out prompts"
+            f"[95% CI {rate['low']:.3f}, {rate['high']:.3f}] on {report['prompts']} held-out {report['split']} prompts"
             f" x {report['seeds_per_prompt']} seeds; all attributes right "
             f"{report['base']['all_correct']:.3f} -> {report['aligned']['all_correct']:.3f}")  # fmt: skip
     card = final / "README.md"

@@ -35,3 +35,10 @@ def test_clear_winner_interval_excludes_half():
 def test_unpaired_scores_are_refused():
     with pytest.raises(ValueError, match="paired"):
         win_rate([1, 2], [1, 2, 3])
+
+
+def test_toy_judging_takes_held_out_splits_only():
+    from eval.oracle import aligned_vs_base
+
+    with pytest.raises(ValueError, match="'validation' or 'test', got 'train'"):
+        aligned_vs_base("unused", "unused", split="train")  # the bases trained on these prompts
