@@ -298,13 +298,13 @@ def make_optimizer(parameters, config: DPOConfig):
     raise ValueError(f"optimizer must be adamw, adamw_8bit or adafactor, got {config.optimizer!r}")
 
 
-def make_dataset(config: DPOConfig, parts, accelerator, split: str | None = None):
-    """Raw pairs of ``split`` (default: the training split, with its augmentation; any other
-    split centre-cropped and unflipped, at most ``validation_pairs``), or their precompute cache
-    (built on the main process first if missing; another split's cache sits beside the
-    training one as ``<cache_dir>-<split>``)."""
-    split = split or config.split
-    training = split == config.split
+def make_dataset(config: DPOConfig, parts, accelerator, held_out: str | None = None):
+    """The training pairs (``config.split``, with its augmentation), or with ``held_out`` that
+    split's pairs for validation (centre-cropped, unflipped, at most ``validation_pairs``); as
+    raw pairs, or their precompute cache (built on the main process first if missing; a
+    held-out split's cache sits beside the training one as ``<cache_dir>-<split>``)."""
+    training = held_out is None
+    split = config.split if training else held_out
     rows = load_pickapic(config.dataset, split, streaming=False)
     crop, flip = (config.random_crop, config.random_flip) if training else (False, False)
     pairs = PreferencePairs(
