@@ -18,7 +18,6 @@ DDP or DeepSpeed (ZeRO-2 for LoRA, ZeRO-3 for full fine-tuning), and resumes wit
 from __future__ import annotations
 
 import copy
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from reward.data import PairFilter, load_pickapic
 from reward.runtime import (
     EpochSampler,
     RunConfig,
+    append_log,
     atomic_path,
     atomic_write_json,
     check_finite,
@@ -510,9 +510,7 @@ def train(config: DPOConfig, family: str) -> Path:
             logs["train/lr"] = scheduler.get_last_lr()[0]
             bar.set_postfix(loss=f"{logs['train/loss']:.4f}",
                             acc=f"{logs.get('train/implicit_accuracy', float('nan')):.2f}")  # fmt: skip
-            if accelerator.is_main_process:
-                with open(out / "log.jsonl", "a") as log:
-                    log.write(json.dumps({"step": step, **logs}) + "\n")
+            append_log(accelerator, out, step, logs)
             if step % config.logging_steps == 0 or step == config.max_steps:
                 accelerator.log(logs, step=step)
             if held_out is not None and (
@@ -522,9 +520,8 @@ def train(config: DPOConfig, family: str) -> Path:
                 validation = validate(unet, reference, noise_scheduler, held_out, parts,
                                       config=config, family=family, device=accelerator.device)  # fmt: skip
                 accelerator.log(validation, step=step)
+                append_log(accelerator, out, step, validation)
                 if accelerator.is_main_process:
-                    with open(out / "log.jsonl", "a") as log:
-                        log.write(json.dumps({"step": step, **validation}) + "\n")
                     bar.write(  # a line above the progress bar, not through it
                         f"step {step}: validation loss {validation['val/loss']:.4f}, implicit "
                         f"accuracy {validation['val/implicit_accuracy']:.3f} "

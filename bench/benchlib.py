@@ -35,6 +35,20 @@ def timed(fn, repeats: int, warmup: int = 1, device="cpu") -> tuple[list[float],
     return times, result
 
 
+def round_robin(paths: dict, repeats: int, warmup: int = 1, device="cpu"):
+    """Seconds of each call of every path in ``paths`` (name -> fn), timed round-robin: after
+    ``warmup`` untimed calls of each, every repeat runs every path once, so drift in a shared
+    machine's speed moves all paths alike and their ratios hold. Returns (times, last results),
+    both by name."""
+    results = {name: timed(fn, 0, warmup, device)[1] for name, fn in paths.items()}
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(repeats):
+        for name, fn in paths.items():
+            took, results[name] = timed(fn, 1, 0, device)
+            times[name] += took
+    return times, results
+
+
 def median(values) -> float:
     return float(statistics.median(values))
 

@@ -41,7 +41,7 @@ from bench.benchlib import (  # noqa: E402
     matmul_peak_tflops,
     matmul_tflops,
     median,
-    timed,
+    round_robin,
 )
 
 # (text tower, vision tower, projection) sizes
@@ -97,6 +97,18 @@ def workload(prompts: int, per_prompt: int, size: int):
     return texts, images
 
 
+@torch.inference_mode()
+def tower(scorer, pixels: torch.Tensor, batch: int) -> list[torch.Tensor]:
+    """The image tower alone on already-preprocessed pixels, in batches, as ``scorer`` runs it."""
+    from reward.pickscore import image_embeddings
+
+    with scorer._autocast():
+        return [
+            image_embeddings(scorer.model, pixels[i : i + batch])
+            for i in range(0, len(pixels), batch)
+        ]
+
+
 def agreement(scores: torch.Tensor, reference: torch.Tensor, per_prompt: int) -> dict:
     """How far scores are from the fp32 model card's: elementwise and norm-wise relative
     difference, and the share of prompts whose best image is the same."""
@@ -144,10 +156,8 @@ def main() -> None:
     figures = {"arch": arch, "images": n, "image_px": args.size, "repeats": repeats,
                "machine": describe_machine(device)}  # fmt: skip
 
-    # Every path is registered first, then timed round-robin: each repeat runs every path once,
-    # so drift in a shared machine's speed moves all paths alike and the ratios hold.
+    # Every path is registered first, then timed round-robin (benchlib.round_robin).
     paths: dict[str, object] = {}
-    results: dict[str, object] = {}
 
     @torch.inference_mode()
     def model_card():
@@ -173,16 +183,8 @@ def main() -> None:
         # PickScore on a GPU casts a frozen model to bf16 in place: give each scorer its copy
         scorer = PickScore(copy.deepcopy(model) if on_gpu else model, processor, device, dtype)
         scorers[name] = scorer
-
-        @torch.inference_mode()
-        def tower(batch, s=scorer):
-            with s._autocast():
-                return [
-                    image_embeddings(s.model, pixels[i : i + batch]) for i in range(0, n, batch)
-                ]
-
         for batch in (64, 8):
-            paths[f"tower_{name}_batch{batch}"] = lambda b=batch, t=tower: t(b)
+            paths[f"tower_{name}_batch{batch}"] = lambda b=batch, s=scorer: tower(s, pixels, b)
         if on_gpu:  # the default batch halves a call of up to 128 images to overlap host work
             paths[f"ours_{name}_batch64"] = lambda s=scorer: s.score(flat_texts, flat_images, 64)
             # the same images as a pipeline decodes them: float tensors in [0, 1] on the GPU
@@ -194,15 +196,13 @@ def main() -> None:
         scorer = scorers.get("bf16", scorers["fp32"])
         paths["device_preprocessing_only"] = lambda: scorer.device_pixels(flat_images)
 
-    times: dict[str, list[float]] = {name: [] for name in paths}
-    for name, fn in paths.items():
-        results[name] = timed(fn, 0, warmup, device)[1]
-    for _ in range(repeats):
-        for name, fn in paths.items():
-            took, results[name] = timed(fn, 1, 0, device)
-            times[name] += took
-    for name in paths:
-        figures[f"{name}_images_per_s"] = n / median(times[name])
+    def rates(paths):
+        times, results = round_robin(paths, repeats, warmup, device)
+        for name in paths:
+            figures[f"{name}_images_per_s"] = n / median(times[name])
+        return results
+
+    results = rates(paths)
     reference = results["model_card"]
     for name, _ in precisions:
         figures[f"ceiling_{name}_images_per_s"] = max(
@@ -247,15 +247,9 @@ def main() -> None:
             achieved = figures[f"ours_{name}_images_per_s"] * flops / n / 1e12
             figures[f"ours_{name}_tflops"] = achieved
             figures[f"ours_{name}_fraction_of_bf16_roofline"] = achieved / peak
-        for name, _ in precisions:
             achieved = figures[f"ceiling_{name}_images_per_s"] * tower_flops / 1e12
             figures[f"ceiling_{name}_fraction_of_bf16_roofline"] = achieved / peak
         figures["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-
-    def rate(name, fn):
-        took, result = timed(fn, repeats, warmup, device)
-        figures[f"{name}_images_per_s"] = n / median(took)
-        return result
 
     def dump():
         for key, value in figures.items():
@@ -270,15 +264,10 @@ def main() -> None:
                 copy.deepcopy(model), processor, device, torch.bfloat16, compile=True
             )
 
-            @torch.inference_mode()
-            def compiled_tower():
-                with scorer._autocast():
-                    return [
-                        image_embeddings(scorer.model, pixels[i : i + 64]) for i in range(0, n, 64)
-                    ]
-
-            rate("tower_bf16_compiled_batch64", compiled_tower)
-            rate("ours_bf16_compiled", lambda: scorer.score(flat_texts, flat_images))
+            rates({
+                "tower_bf16_compiled_batch64": lambda: tower(scorer, pixels, 64),
+                "ours_bf16_compiled": lambda: scorer.score(flat_texts, flat_images),
+            })  # fmt: skip
             for name in ("tower_bf16_compiled_batch64", "ours_bf16_compiled"):
                 achieved = figures[f"{name}_images_per_s"] * figures["score_call_gflops_per_image"]
                 figures[f"{name}_fraction_of_bf16_roofline"] = (

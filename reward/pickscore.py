@@ -225,8 +225,8 @@ class PickScore:
 
     @torch.inference_mode()
     def embed_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        with self._autocast():
-            return text_embeddings(self.model, **self._tokens(prompts))
+        """L2-normalised prompt embeddings (N, D), each distinct prompt encoded once."""
+        return self._text_per_image(prompts)
 
     def _text_per_image(self, prompts: Sequence[str]) -> torch.Tensor:
         """Prompt embeddings (N, D), one row per image, each distinct prompt encoded once (under

@@ -219,6 +219,14 @@ def progress_bar(accelerator, total: int, initial: int = 0, desc: str = "train")
     )
 
 
+def append_log(accelerator, output_dir: str | Path, step: int, figures: dict[str, Any]) -> None:
+    """One JSON line ``{"step": step, **figures}`` in ``<output_dir>/log.jsonl``, written by the
+    main process: a plain per-step log next to the trackers'."""
+    if accelerator.is_main_process:
+        with open(Path(output_dir) / "log.jsonl", "a") as log:
+            log.write(json.dumps({"step": step, **figures}) + "\n")
+
+
 def check_finite(loss: torch.Tensor, step: int) -> None:
     """Stop before the optimizer step when the loss is NaN or infinite, naming the step."""
     if not torch.isfinite(loss).all():

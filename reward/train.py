@@ -13,7 +13,6 @@ The final folder loads with ``CLIPModel.from_pretrained`` and ``CLIPProcessor.fr
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from reward.pickscore import PickScore, image_embeddings, text_embeddings
 from reward.runtime import (
     EpochSampler,
     RunConfig,
+    append_log,
     atomic_path,
     atomic_write_json,
     check_finite,
@@ -292,9 +292,7 @@ def train(config: RewardConfig) -> Path:
                     if accelerator.is_main_process:
                         save_final_model(clip, processor, out / "best")
                 wrapper.strip()
-            if accelerator.is_main_process:  # a plain per-step log next to tensorboard's
-                with open(out / "log.jsonl", "a") as log:
-                    log.write(json.dumps({"step": step, **logs}) + "\n")
+            append_log(accelerator, out, step, logs)
             if step % config.logging_steps == 0 or step == config.max_steps:
                 accelerator.log(logs, step=step)
             if config.checkpointing_steps and step % config.checkpointing_steps == 0:
