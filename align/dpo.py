@@ -17,6 +17,7 @@ DDP or DeepSpeed (ZeRO-2 for LoRA, ZeRO-3 for full fine-tuning), and resumes wit
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
@@ -96,6 +97,23 @@ class DPOConfig(RunConfig):
     )
     loss: str = field(default="dpo", metadata={"help": "'dpo', or 'sft' (MSE on winners only)."})
     beta: float = field(default=5000.0, metadata={"help": "Diffusion-DPO beta."})
+    winner_penalty: float = field(
+        default=0.0,
+        metadata={
+            "help": "DPO-Positive lambda: the margin also loses lambda * max(0, mse_policy(winner) "
+            "- mse_reference(winner)), so winners cannot get less likely than under the "
+            "reference (0: DPO, as the paper; a pickalign option)."
+        },
+    )
+    ema_decay: float = field(
+        default=0.0,
+        metadata={
+            "help": "Keep an exponential moving average of the trained weights (the LoRA, or the "
+            "UNet in full mode) with this decay, e.g. 0.99, and validate, checkpoint-release and "
+            "save it instead of the last weights (0: off). Its early steps average faster "
+            "(decay (1+n)/(10+n) until that is higher). Not with DeepSpeed ZeRO-3."
+        },
+    )
     mode: str = field(default="lora", metadata={"help": "'lora' or 'full' UNet fine-tuning."})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: rank)."})
@@ -181,7 +199,7 @@ def draw_timesteps(n: int, steps: int, generator=None, bias: float = 1.0) -> tor
 def pair_step(unet, reference, scheduler, latents, cond: Conditioning, time_ids, *,
               beta: float, loss_type: str = "dpo", labels=None, generator=None,
               anchor=None, anchor_weight: float = 0.0,
-              timestep_bias: float = 1.0) -> dict:  # fmt: skip
+              timestep_bias: float = 1.0, winner_penalty: float = 0.0) -> dict:  # fmt: skip
     """Diffusion-DPO loss of a batch of pairs.
 
     ``latents`` (B, 2, C, h, w) winner first; ``cond`` per pair; ``time_ids`` (B, 2, 6) or None;
@@ -191,7 +209,8 @@ def pair_step(unet, reference, scheduler, latents, cond: Conditioning, time_ids,
     ``anchor`` (B,) bool, optional: pairs (those given the empty prompt) that instead keep the
     policy's prediction at the reference's, weighted by ``anchor_weight``, so the unconditional
     branch that classifier-free guidance subtracts does not drift. Returns the loss and the
-    logged figures. ``timestep_bias`` k draws t = T * u^(1/k) (1: uniform, as the paper).
+    logged figures. ``timestep_bias`` k draws t = T * u^(1/k) (1: uniform, as the paper);
+    ``winner_penalty`` is DPO-Positive's lambda (``align.losses.diffusion_dpo_loss``).
     """
     b, device = latents.shape[0], latents.device
     both = latents.transpose(0, 1).flatten(0, 1)  # (2B, ...): winners, then losers
@@ -213,12 +232,12 @@ def pair_step(unet, reference, scheduler, latents, cond: Conditioning, time_ids,
     ref_w, ref_l = per_sample_mse(reference_prediction, target).chunk(2)
     keep = torch.ones(b, dtype=torch.bool, device=device) if anchor is None else ~anchor.to(device)
     if keep.all():
-        terms = diffusion_dpo_loss(mse_w, mse_l, ref_w, ref_l, beta, labels)
+        terms = diffusion_dpo_loss(mse_w, mse_l, ref_w, ref_l, beta, labels, winner_penalty)
         figures = {}
     else:
         kept_labels = None if labels is None else labels.to(device)[keep]
         terms = diffusion_dpo_loss(mse_w[keep], mse_l[keep], ref_w[keep], ref_l[keep], beta,
-                                   kept_labels)  # fmt: skip
+                                   kept_labels, winner_penalty)  # fmt: skip
         drift = per_sample_mse(prediction, reference_prediction)[(~keep).repeat(2)].mean()
         figures = {"anchor_mse": drift.detach()}
         dpo = terms.loss if keep.any() else torch.zeros((), device=device)  # all anchored
@@ -228,6 +247,7 @@ def pair_step(unet, reference, scheduler, latents, cond: Conditioning, time_ids,
         "implicit_accuracy": terms.implicit_accuracy,
         "model_diff": terms.model_diff.mean(),
         "reference_diff": terms.reference_diff.mean(),
+        "winner_drift": terms.winner_drift.mean(),
         "mse_winner": mse_w.detach().mean(),
         **figures,
     }
@@ -332,7 +352,8 @@ def make_dataset(config: DPOConfig, parts, accelerator, held_out: str | None = N
 @torch.no_grad()
 def validate(unet, reference, noise_scheduler, dataset, parts, *, config: DPOConfig, family: str,
              device) -> dict[str, float]:  # fmt: skip
-    """DPO loss and implicit accuracy of the policy against the reference on held-out pairs.
+    """DPO loss, implicit accuracy and winner drift (``mse_θ(w) - mse_ref(w)``) of the policy
+    against the reference on held-out pairs.
 
     Timesteps are drawn uniformly and the noise of batch k comes from a fixed seed, so every
     validation of a run sees the same draws and its figures compare across steps. Every process
@@ -341,7 +362,7 @@ def validate(unet, reference, noise_scheduler, dataset, parts, *, config: DPOCon
     cached = isinstance(dataset, CachedPairs)
     was_training = unet.training
     unet.eval()
-    sums, count = {"loss": 0.0, "implicit_accuracy": 0.0}, 0
+    sums, count = {"loss": 0.0, "implicit_accuracy": 0.0, "winner_drift": 0.0}, 0
     for k, start in enumerate(range(0, len(dataset), config.batch_size)):
         end = min(start + config.batch_size, len(dataset))
         batch = collate_pairs([dataset[i] for i in range(start, end)])
@@ -359,8 +380,7 @@ def validate(unet, reference, noise_scheduler, dataset, parts, *, config: DPOCon
     unet.train(was_training)
     if count == 0:
         raise ValueError(f"validation split {config.validation_split!r} has no usable pairs")
-    return {"val/loss": sums["loss"] / count,
-            "val/implicit_accuracy": sums["implicit_accuracy"] / count, "val/pairs": count}  # fmt: skip
+    return {**{f"val/{key}": total / count for key, total in sums.items()}, "val/pairs": count}
 
 
 def check_config(config: DPOConfig, family: str) -> None:
@@ -372,6 +392,8 @@ def check_config(config: DPOConfig, family: str) -> None:
         raise ValueError(f"caption_dropout must be in [0, 1), got {config.caption_dropout}")
     if config.timestep_bias <= 0:
         raise ValueError(f"timestep_bias must be positive, got {config.timestep_bias}")
+    if not 0 <= config.ema_decay < 1:
+        raise ValueError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
     if family not in ("sd", "sdxl"):
         raise ValueError(f"family must be 'sd' or 'sdxl', got {family!r}")
 
@@ -453,6 +475,7 @@ def train(config: DPOConfig, family: str) -> Path:
     else:
         reference = frozen_reference(accelerator, reference_unet, config.reference_offload)
 
+    ema = make_ema(accelerator, config, trainable)
     lora_only = config.mode == "lora" and accelerator.distributed_type.value != "DEEPSPEED"
     if lora_only:  # checkpoints hold the adapter, not a copy of the frozen UNet
         accelerator.register_save_state_pre_hook(keep_only_lora)
@@ -492,6 +515,7 @@ def train(config: DPOConfig, family: str) -> Path:
                     beta=config.beta, loss_type=config.loss, labels=batch.get("labels"),
                     generator=generator, anchor=dropped if config.uncond_anchor > 0 else None,
                     anchor_weight=config.uncond_anchor, timestep_bias=config.timestep_bias,
+                    winner_penalty=config.winner_penalty,
                 )  # fmt: skip
                 loss = figures["loss"]
                 check_finite(loss, step + 1)
@@ -503,6 +527,8 @@ def train(config: DPOConfig, family: str) -> Path:
                 optimizer.zero_grad()
             if not accelerator.sync_gradients:
                 continue
+            if ema is not None:
+                ema.step(trainable)
             step += 1
             bar.update(1)
             logs = {f"train/{k}": accelerator.reduce(v.detach().float(), "mean").item()
@@ -517,19 +543,21 @@ def train(config: DPOConfig, family: str) -> Path:
                 step == config.max_steps
                 or (config.validation_steps and step % config.validation_steps == 0)
             ):
-                validation = validate(unet, reference, noise_scheduler, held_out, parts,
-                                      config=config, family=family, device=accelerator.device)  # fmt: skip
+                with averaged_weights(ema, trainable):  # validate what would be released
+                    validation = validate(unet, reference, noise_scheduler, held_out, parts,
+                                          config=config, family=family, device=accelerator.device)  # fmt: skip
                 accelerator.log(validation, step=step)
                 append_log(accelerator, out, step, validation)
                 if accelerator.is_main_process:
                     bar.write(  # a line above the progress bar, not through it
                         f"step {step}: validation loss {validation['val/loss']:.4f}, implicit "
-                        f"accuracy {validation['val/implicit_accuracy']:.3f} "
-                        f"on {validation['val/pairs']} pairs"
+                        f"accuracy {validation['val/implicit_accuracy']:.3f}, winner drift "
+                        f"{validation['val/winner_drift']:+.2e} on {validation['val/pairs']} pairs"
                     )
             if config.checkpointing_steps and step % config.checkpointing_steps == 0:
                 save_checkpoint(accelerator, config, step,
-                                extra_files=release_writer(accelerator, unet, config, family))  # fmt: skip
+                                extra_files=release_files(accelerator, unet, config, family,
+                                                          ema, trainable))  # fmt: skip
             if step >= config.max_steps:
                 break
     bar.close()
@@ -545,7 +573,7 @@ def train(config: DPOConfig, family: str) -> Path:
     if validation is not None:
         metrics["validation"] = {"split": config.validation_split, "step": step,
                                  **{k.split("/")[1]: v for k, v in validation.items()}}  # fmt: skip
-    writer = release_writer(accelerator, unet, config, family)
+    writer = release_files(accelerator, unet, config, family, ema, trainable)
     if accelerator.is_main_process:
         with atomic_path(final) as tmp:
             writer(tmp)
@@ -610,6 +638,50 @@ def release_writer(accelerator, unet, config: DPOConfig, family: str):
     return write_lora
 
 
+def make_ema(accelerator, config: DPOConfig, trainable):
+    """The moving average of ``trainable`` (None without ``ema_decay``), registered so that
+    checkpoints hold it and a resumed run continues it."""
+    if not config.ema_decay:
+        return None
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and plugin.zero_stage == 3:
+        raise ValueError("ema_decay does not work with DeepSpeed ZeRO-3 (each process holds only "
+                         "a shard of the weights); use ZeRO-2, or ema_decay 0")  # fmt: skip
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(trainable, decay=config.ema_decay, foreach=True)
+    accelerator.register_for_checkpointing(ema)
+    return ema
+
+
+@contextlib.contextmanager
+def averaged_weights(ema, parameters):
+    """Inside the block the parameters hold the moving average (unchanged without one)."""
+    if ema is None:
+        yield
+        return
+    ema.store(parameters)
+    ema.copy_to(parameters)
+    try:
+        yield
+    finally:
+        ema.restore(parameters)
+
+
+def release_files(accelerator, unet, config: DPOConfig, family: str, ema, trainable):
+    """``release_writer``, writing the moving average when there is one. (With EMA the writer is
+    made at write time, on the main process alone: EMA is refused under ZeRO-3, the one setup
+    where gathering the weights needs every process.)"""
+    if ema is None:
+        return release_writer(accelerator, unet, config, family)
+
+    def write_averaged(folder: Path) -> None:
+        with averaged_weights(ema, trainable):
+            release_writer(accelerator, unet, config, family)(folder)
+
+    return write_averaged
+
+
 def model_card(config: DPOConfig, family: str, metrics: dict) -> str:
     pipeline = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
     lines = [
@@ -633,6 +705,8 @@ def model_card(config: DPOConfig, family: str, metrics: dict) -> str:
                  if config.mode == "lora" else ""),
               f"- resolution {config.resolution}, lr {config.learning_rate}, "
               f"{config.batch_size * config.gradient_accumulation_steps} pairs per process per step",
+              *([f"- released weights: moving average, decay {config.ema_decay}"]
+                if config.ema_decay else []),
               "", "## Run", ""]  # fmt: skip
     lines += [f"- {key}: {value}" for key, value in metrics.items()]
     return "\n".join(lines) + "\n"

@@ -47,6 +47,28 @@ def test_loss_by_hand():
     assert tie.loss.item() > math.log(2)  # a tie is best served by moving neither image
 
 
+def test_winner_penalty_charges_only_a_winner_worse_than_under_the_reference():
+    # Pair 1: the winner's error rose above the reference's (drift +0.05); pair 2: it fell.
+    win, lose = torch.tensor([0.20, 0.10]), torch.tensor([0.40, 0.30])
+    rw, rl = torch.tensor([0.15, 0.15]), torch.tensor([0.20, 0.20])
+    plain = diffusion_dpo_loss(win, lose, rw, rl, beta=10.0)
+    positive = diffusion_dpo_loss(win, lose, rw, rl, beta=10.0, winner_penalty=4.0)
+    margin = -5.0 * torch.tensor([(0.20 - 0.15) - (0.40 - 0.20), (0.10 - 0.15) - (0.30 - 0.20)])
+    inside = margin - 5.0 * 4.0 * torch.tensor([0.05, 0.0])
+    expected = -torch.nn.functional.logsigmoid(inside).mean()
+    assert positive.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert positive.loss.item() > plain.loss.item()
+    torch.testing.assert_close(positive.winner_drift, torch.tensor([0.05, -0.05]))
+    assert positive.implicit_accuracy.item() == plain.implicit_accuracy.item() == 1.0
+    # The gradient on the winner's error grows only where it drifted up.
+    w = win.clone().requires_grad_(True)
+    diffusion_dpo_loss(w, lose, rw, rl, beta=10.0, winner_penalty=4.0).loss.backward()
+    w_plain = win.clone().requires_grad_(True)
+    diffusion_dpo_loss(w_plain, lose, rw, rl, beta=10.0).loss.backward()
+    assert w.grad[0] > w_plain.grad[0] > 0
+    assert w.grad[1].item() == pytest.approx(w_plain.grad[1].item())
+
+
 def test_timestep_bias_favours_noisy_timesteps_and_1_is_the_uniform_draw():
     uniform = draw_timesteps(64, 1000, torch.Generator().manual_seed(0))
     assert torch.equal(
@@ -235,6 +257,30 @@ def test_resume_repeats_the_later_losses(tiny_models, toy_pairs, tmp_path):
     assert sorted(resumed) == [3, 4]
     for step in (3, 4):
         assert resumed[step]["train/loss"] == pytest.approx(full[step]["train/loss"], rel=1e-5)
+
+
+def test_ema_is_what_gets_released_and_a_resumed_run_continues_it(tiny_models, toy_pairs, tmp_path):
+    from safetensors.torch import load_file
+
+    def run(name, **overrides):
+        config = small(tiny_models["sd"], toy_pairs, tmp_path / name, **overrides)
+        return load_file(train(config, "sd") / "pytorch_lora_weights.safetensors")
+
+    last = run("plain")
+    averaged = run("ema", ema_decay=0.5)
+    # The average does not steer training (same losses) but is what the run releases.
+    for step in (1, 2, 3, 4):
+        assert log(tmp_path / "ema")[step]["train/loss"] == pytest.approx(
+            log(tmp_path / "plain")[step]["train/loss"], rel=1e-6
+        )
+    assert last.keys() == averaged.keys()
+    assert max((last[k] - averaged[k]).abs().max().item() for k in last) > 1e-6
+    # Resumed from step 2, the average carries on from its saved state (restarting it would
+    # give different weights).
+    middle = tmp_path / "ema" / "checkpoints" / "checkpoint-2"
+    resumed = run("resumed", ema_decay=0.5, resume_from_checkpoint=str(middle))
+    for key in averaged:
+        torch.testing.assert_close(resumed[key], averaged[key], rtol=1e-5, atol=1e-7)
 
 
 def test_full_mode_saves_a_diffusers_unet(tiny_models, toy_pairs, tmp_path):
