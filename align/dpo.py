@@ -111,7 +111,8 @@ class DPOConfig(RunConfig):
             "help": "Keep an exponential moving average of the trained weights (the LoRA, or the "
             "UNet in full mode) with this decay, e.g. 0.99, and validate, checkpoint-release and "
             "save it instead of the last weights (0: off). Its early steps average faster "
-            "(decay (1+n)/(10+n) until that is higher). Not with DeepSpeed ZeRO-3."
+            "(decay (1+n)/(10+n) until that is higher). Holds a second copy of the trained "
+            "weights. Not with DeepSpeed ZeRO-3."
         },
     )
     mode: str = field(default="lora", metadata={"help": "'lora' or 'full' UNet fine-tuning."})

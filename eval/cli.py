@@ -93,7 +93,8 @@ def _toy_eval(args: argparse.Namespace) -> int:
     if args.aligned:
         from eval.oracle import aligned_vs_base
 
-        report = aligned_vs_base(args.model, args.aligned, args.prompts, args.seeds_per_prompt,
+        aligned = args.aligned[0] if len(args.aligned) == 1 else args.aligned
+        report = aligned_vs_base(args.model, aligned, args.prompts, args.seeds_per_prompt,
                                  split=args.split)  # fmt: skip
         print(json.dumps(report, indent=2))
         return 0
@@ -213,9 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     toy_eval.add_argument("model", help="a pipeline folder")
     toy_eval.add_argument("--against", help="a second pipeline folder to compare with")
     toy_eval.add_argument(
-        "--aligned",
-        help="a DPO output folder (LoRA or unet/): win rate of MODEL with it over MODEL alone",
-    )
+        "--aligned", nargs="+",
+        help="DPO output folders (LoRA or unet/), e.g. a run's final/ and checkpoints/*: win rate "
+        "of MODEL with each over MODEL alone (the base is sampled once)",
+    )  # fmt: skip
     toy_eval.add_argument("--seeds-per-prompt", type=int, default=2, help="with --aligned")
     toy_eval.add_argument("--prompts", type=int, default=200, help="held-out prompts")
     toy_eval.add_argument("--seed", type=int, default=0, help="first seed (seed i+k for prompt k)")

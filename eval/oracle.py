@@ -57,23 +57,24 @@ def oracle_accuracy(renders: int = 1000, seed: int = 0, transform=None) -> dict:
 
 def aligned_vs_base(
     base: str | Path,
-    aligned: str | Path,
+    aligned: str | Path | list[str | Path],
     prompts: int = 200,
     seeds_per_prompt: int = 1,
     steps: int = 20,
     guidance_scale: float = 5.0,
     device: str | None = None,
     split: str = "test",
-) -> dict:
+) -> dict | list[dict]:
     """Oracle win rate of an aligned model over its base on held-out toy prompts, same seeds.
 
     Sampling runs on ``device`` (default: the GPU when there is one). Seeds make the same noise
     on one kind of device; a GPU run's images differ from a CPU run's.
 
     ``aligned`` is a folder with ``pytorch_lora_weights.safetensors`` (loaded with
-    ``align.lora.load_lora``) or a ``unet`` subfolder (full fine-tuning). Prompt k of ``split``
-    ("test" for reported figures, "validation" for choosing settings) is sampled with seeds
-    k * seeds_per_prompt + j for both models.
+    ``align.lora.load_lora``) or a ``unet`` subfolder (full fine-tuning), or a list of such
+    folders (say, a run's checkpoints): the base is then sampled once and a list of reports, one
+    per folder, comes back. Prompt k of ``split`` ("test" for reported figures, "validation" for
+    choosing settings) is sampled with seeds k * seeds_per_prompt + j for every model.
     """
     import torch
     from diffusers import DiffusionPipeline, UNet2DConditionModel
@@ -85,28 +86,37 @@ def aligned_vs_base(
     splits = prompt_splits()
     if split not in ("validation", "test"):
         raise ValueError(f"split must be 'validation' or 'test', got {split!r}")
+    folders = [Path(aligned)] if isinstance(aligned, (str, Path)) else [Path(a) for a in aligned]
     held_out = splits[split][:prompts]
     texts = [a.prompt for a in held_out for _ in range(seeds_per_prompt)]
     seeds = list(range(len(texts)))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = DiffusionPipeline.from_pretrained(base).to(device)
     base_images = generate(pipe, texts, seeds, steps, guidance_scale, progress=True)
-    aligned = Path(aligned)
-    if (aligned / WEIGHT_NAME).exists():
-        load_lora(pipe, aligned)
-    else:
-        pipe.unet = UNet2DConditionModel.from_pretrained(aligned / "unet").to(device)
-    aligned_images = generate(pipe, texts, seeds, steps, guidance_scale, progress=True)
-    result = oracle_compare(texts, aligned_images, base_images)
-    return {
-        "win_rate": result["win_rate"].as_dict(),
-        "aligned": result["a"],
-        "base": result["b"],
-        "prompts": len(held_out),
-        "split": split,
-        "seeds_per_prompt": seeds_per_prompt,
-        "sampling": {"steps": steps, "guidance_scale": guidance_scale, "device": device},
-    }
+    base_unet, reports = pipe.unet, []
+    for folder in folders:
+        lora = (folder / WEIGHT_NAME).exists()
+        if lora:
+            load_lora(pipe, folder)
+        else:
+            pipe.unet = UNet2DConditionModel.from_pretrained(folder / "unet").to(device)
+        aligned_images = generate(pipe, texts, seeds, steps, guidance_scale, progress=True)
+        if lora:  # back to the base for the next folder
+            pipe.unload_lora_weights()
+        else:
+            pipe.unet = base_unet
+        result = oracle_compare(texts, aligned_images, base_images)
+        reports.append({
+            "aligned_folder": str(folder),
+            "win_rate": result["win_rate"].as_dict(),
+            "aligned": result["a"],
+            "base": result["b"],
+            "prompts": len(held_out),
+            "split": split,
+            "seeds_per_prompt": seeds_per_prompt,
+            "sampling": {"steps": steps, "guidance_scale": guidance_scale, "device": device},
+        })  # fmt: skip
+    return reports if isinstance(aligned, list) else reports[0]
 
 
 def judge_toy_run(config, final: str | Path) -> dict | None:

@@ -42,3 +42,32 @@ def test_toy_judging_takes_held_out_splits_only():
 
     with pytest.raises(ValueError, match="'validation' or 'test', got 'train'"):
         aligned_vs_base("unused", "unused", split="train")  # the bases trained on these prompts
+
+
+def test_judging_several_folders_matches_judging_each_alone(tmp_path):
+    """A run's checkpoints judged in one call (base sampled once): each report is the one a call
+    for that folder alone gives, so no folder's LoRA leaks into the next one's samples."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from align.lora import add_lora, lora_parameters, save_lora
+    from eval.oracle import aligned_vs_base
+    from tests.conftest import REPO
+
+    base = REPO / "align" / "assets" / "toy" / "sd"
+    folders = []
+    for k in range(2):
+        unet = DiffusionPipeline.from_pretrained(base).unet
+        add_lora(unet, rank=4)
+        generator = torch.Generator().manual_seed(k)
+        with torch.no_grad():
+            for p in lora_parameters(unet):
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+        folders.append(tmp_path / f"checkpoint-{k}")
+        save_lora(unet, folders[-1])
+    kwargs = dict(prompts=6, seeds_per_prompt=1, steps=10, device="cpu", split="validation")
+    together = aligned_vs_base(base, folders, **kwargs)
+    alone = [aligned_vs_base(base, folder, **kwargs) for folder in folders]
+    assert together == alone
+    assert together[0]["aligned"] != together[1]["aligned"]  # the two LoRAs draw differently
+    assert together[1]["aligned_folder"] == str(folders[1])
