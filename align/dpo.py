@@ -557,8 +557,8 @@ def train(config: DPOConfig, family: str) -> Path:
                     )
             if config.checkpointing_steps and step % config.checkpointing_steps == 0:
                 save_checkpoint(accelerator, config, step,
-                                extra_files=release_files(accelerator, unet, config, family,
-                                                          ema, trainable))  # fmt: skip
+                                extra_files=release_writer(accelerator, unet, config, family,
+                                                           ema, trainable))  # fmt: skip
             if step >= config.max_steps:
                 break
     bar.close()
@@ -574,7 +574,7 @@ def train(config: DPOConfig, family: str) -> Path:
     if validation is not None:
         metrics["validation"] = {"split": config.validation_split, "step": step,
                                  **{k.split("/")[1]: v for k, v in validation.items()}}  # fmt: skip
-    writer = release_files(accelerator, unet, config, family, ema, trainable)
+    writer = release_writer(accelerator, unet, config, family, ema, trainable)
     if accelerator.is_main_process:
         with atomic_path(final) as tmp:
             writer(tmp)
@@ -620,9 +620,18 @@ def drop_captions(cond: Conditioning, empty: Conditioning, rate: float, generato
     return Conditioning(context, pooled), drop
 
 
-def release_writer(accelerator, unet, config: DPOConfig, family: str):
+def release_writer(accelerator, unet, config: DPOConfig, family: str, ema=None, trainable=()):
     """A function writing the release artefact into a folder: the LoRA in diffusers format, or a
-    diffusers UNet folder in full mode. Gathers the weights on every process (ZeRO-3)."""
+    diffusers UNet folder in full mode; with ``ema``, the moving average of ``trainable``.
+    Gathers the weights on every process (ZeRO-3). With EMA the weights are read at write time,
+    on the main process alone: EMA is refused under ZeRO-3, where gathering needs every process."""
+    if ema is not None:
+
+        def write_averaged(folder: Path) -> None:
+            with averaged_weights(ema, trainable):
+                release_writer(accelerator, unet, config, family)(folder)
+
+        return write_averaged
     if config.mode == "full":
         state = accelerator.get_state_dict(unet)
 
@@ -667,20 +676,6 @@ def averaged_weights(ema, parameters):
         yield
     finally:
         ema.restore(parameters)
-
-
-def release_files(accelerator, unet, config: DPOConfig, family: str, ema, trainable):
-    """``release_writer``, writing the moving average when there is one. (With EMA the writer is
-    made at write time, on the main process alone: EMA is refused under ZeRO-3, the one setup
-    where gathering the weights needs every process.)"""
-    if ema is None:
-        return release_writer(accelerator, unet, config, family)
-
-    def write_averaged(folder: Path) -> None:
-        with averaged_weights(ema, trainable):
-            release_writer(accelerator, unet, config, family)(folder)
-
-    return write_averaged
 
 
 def model_card(config: DPOConfig, family: str, metrics: dict) -> str:
