@@ -97,6 +97,15 @@ class DPOConfig(RunConfig):
     )
     loss: str = field(default="dpo", metadata={"help": "'dpo', or 'sft' (MSE on winners only)."})
     beta: float = field(default=5000.0, metadata={"help": "Diffusion-DPO beta."})
+    train_guidance: float = field(
+        default=1.0,
+        metadata={
+            "help": "Compare guided predictions in the DPO loss: u_ref + s * (c - u_ref) for policy "
+            "and reference, with u_ref the reference's prediction for the empty prompt, so the "
+            "loss sees what sampling at guidance s sees. Costs one more reference forward per "
+            "step (1: off, the paper's conditional prediction; a pickalign option)."
+        },
+    )
     winner_penalty: float = field(
         default=0.0,
         metadata={
@@ -199,8 +208,8 @@ def draw_timesteps(n: int, steps: int, generator=None, bias: float = 1.0) -> tor
 
 def pair_step(unet, reference, scheduler, latents, cond: Conditioning, time_ids, *,
               beta: float, loss_type: str = "dpo", labels=None, generator=None,
-              anchor=None, anchor_weight: float = 0.0,
-              timestep_bias: float = 1.0, winner_penalty: float = 0.0) -> dict:  # fmt: skip
+              anchor=None, anchor_weight: float = 0.0, timestep_bias: float = 1.0,
+              winner_penalty: float = 0.0, guidance: float = 1.0, uncond=None) -> dict:  # fmt: skip
     """Diffusion-DPO loss of a batch of pairs.
 
     ``latents`` (B, 2, C, h, w) winner first; ``cond`` per pair; ``time_ids`` (B, 2, 6) or None;
@@ -212,6 +221,11 @@ def pair_step(unet, reference, scheduler, latents, cond: Conditioning, time_ids,
     branch that classifier-free guidance subtracts does not drift. Returns the loss and the
     logged figures. ``timestep_bias`` k draws t = T * u^(1/k) (1: uniform, as the paper);
     ``winner_penalty`` is DPO-Positive's lambda (``align.losses.diffusion_dpo_loss``).
+
+    ``guidance`` s > 1 with ``uncond`` (the empty prompt's ``Conditioning``, batch 1): the DPO
+    terms compare the guided predictions ``u_ref + s * (c - u_ref)`` of policy and reference,
+    where ``u_ref`` is the reference's empty-prompt prediction (one more no-grad forward). The
+    anchor still compares the plain predictions.
     """
     b, device = latents.shape[0], latents.device
     both = latents.transpose(0, 1).flatten(0, 1)  # (2B, ...): winners, then losers
@@ -221,8 +235,7 @@ def pair_step(unet, reference, scheduler, latents, cond: Conditioning, time_ids,
     t = draw_timesteps(b, steps, generator, timestep_bias).to(device).repeat(2)
     noisy = scheduler.add_noise(both, noise, t)
     target = prediction_target(scheduler, both, noise, t)
-    cond2 = Conditioning(cond.context.repeat(2, 1, 1),
-                        None if cond.pooled is None else cond.pooled.repeat(2, 1))  # fmt: skip
+    cond2 = cond.repeat(2)
     ids = None if time_ids is None else time_ids.transpose(0, 1).flatten(0, 1)
     prediction = unet_forward(unet, noisy, t, cond2, ids)
     mse_w, mse_l = per_sample_mse(prediction, target).chunk(2)
@@ -230,7 +243,17 @@ def pair_step(unet, reference, scheduler, latents, cond: Conditioning, time_ids,
         return {"loss": mse_w.mean(), "mse_winner": mse_w.detach().mean()}
     with torch.no_grad():
         reference_prediction = reference(noisy, t, cond2, ids)
-    ref_w, ref_l = per_sample_mse(reference_prediction, target).chunk(2)
+        if guidance != 1:  # a call of its own keeps the conditional batch equal to the policy's
+            empty = uncond.to(cond2.context).repeat(2 * b)  # a cached empty prompt is fp16
+            reference_uncond = reference(noisy, t, empty, ids)
+    plain_mse_w = mse_w.detach().mean()
+    if guidance == 1:
+        ref_w, ref_l = per_sample_mse(reference_prediction, target).chunk(2)
+    else:
+        guided = reference_uncond + guidance * (prediction - reference_uncond)
+        guided_reference = reference_uncond + guidance * (reference_prediction - reference_uncond)
+        mse_w, mse_l = per_sample_mse(guided, target).chunk(2)
+        ref_w, ref_l = per_sample_mse(guided_reference, target).chunk(2)
     keep = torch.ones(b, dtype=torch.bool, device=device) if anchor is None else ~anchor.to(device)
     if keep.all():
         terms = diffusion_dpo_loss(mse_w, mse_l, ref_w, ref_l, beta, labels, winner_penalty)
@@ -249,7 +272,7 @@ def pair_step(unet, reference, scheduler, latents, cond: Conditioning, time_ids,
         "model_diff": terms.model_diff.mean(),
         "reference_diff": terms.reference_diff.mean(),
         "winner_drift": terms.winner_drift.mean(),
-        "mse_winner": mse_w.detach().mean(),
+        "mse_winner": plain_mse_w,
         **figures,
     }
 
@@ -352,7 +375,7 @@ def make_dataset(config: DPOConfig, parts, accelerator, held_out: str | None = N
 
 @torch.no_grad()
 def validate(unet, reference, noise_scheduler, dataset, parts, *, config: DPOConfig, family: str,
-             device) -> dict[str, float]:  # fmt: skip
+             device, uncond=None) -> dict[str, float]:  # fmt: skip
     """DPO loss, implicit accuracy and winner drift (``mse_θ(w) - mse_ref(w)``) of the policy
     against the reference on held-out pairs.
 
@@ -374,6 +397,7 @@ def validate(unet, reference, noise_scheduler, dataset, parts, *, config: DPOCon
         figures = pair_step(
             unet, reference, noise_scheduler, latents, cond, time_ids if family == "sdxl" else None,
             beta=config.beta, labels=batch.get("labels"), generator=generator,
+            guidance=config.train_guidance, uncond=uncond,
         )  # fmt: skip
         for key in sums:
             sums[key] += float(figures[key]) * len(latents)
@@ -391,6 +415,10 @@ def check_config(config: DPOConfig, family: str) -> None:
             raise ValueError(f"{name} must be one of {allowed}, got {getattr(config, name)!r}")
     if not 0 <= config.caption_dropout < 1:
         raise ValueError(f"caption_dropout must be in [0, 1), got {config.caption_dropout}")
+    if config.train_guidance < 1:
+        raise ValueError(f"train_guidance must be at least 1 (1: off), got {config.train_guidance}")
+    if config.train_guidance != 1 and config.loss != "dpo":
+        raise ValueError("train_guidance applies to the DPO loss only (loss: dpo)")
     if config.timestep_bias <= 0:
         raise ValueError(f"timestep_bias must be positive, got {config.timestep_bias}")
     if not 0 <= config.ema_decay < 1:
@@ -516,7 +544,8 @@ def train(config: DPOConfig, family: str) -> Path:
                     beta=config.beta, loss_type=config.loss, labels=batch.get("labels"),
                     generator=generator, anchor=dropped if config.uncond_anchor > 0 else None,
                     anchor_weight=config.uncond_anchor, timestep_bias=config.timestep_bias,
-                    winner_penalty=config.winner_penalty,
+                    winner_penalty=config.winner_penalty, guidance=config.train_guidance,
+                    uncond=empty,
                 )  # fmt: skip
                 loss = figures["loss"]
                 check_finite(loss, step + 1)
@@ -546,7 +575,8 @@ def train(config: DPOConfig, family: str) -> Path:
             ):
                 with averaged_weights(ema, trainable):  # validate what would be released
                     validation = validate(unet, reference, noise_scheduler, held_out, parts,
-                                          config=config, family=family, device=accelerator.device)  # fmt: skip
+                                          config=config, family=family, device=accelerator.device,
+                                          uncond=empty)  # fmt: skip
                 accelerator.log(validation, step=step)
                 append_log(accelerator, out, step, validation)
                 if accelerator.is_main_process:

@@ -28,6 +28,15 @@ class Conditioning:
     def index(self, rows) -> Conditioning:
         return Conditioning(self.context[rows], None if self.pooled is None else self.pooled[rows])
 
+    def repeat(self, n: int) -> Conditioning:
+        """The batch repeated n times (one prompt's conditioning to a batch, or pairs to sides)."""
+        pooled = None if self.pooled is None else self.pooled.repeat(n, 1)
+        return Conditioning(self.context.repeat(n, 1, 1), pooled)
+
+    def to(self, *args, **kwargs) -> Conditioning:
+        pooled = None if self.pooled is None else self.pooled.to(*args, **kwargs)
+        return Conditioning(self.context.to(*args, **kwargs), pooled)
+
 
 @dataclass
 class DiffusionParts:

@@ -373,6 +373,78 @@ def test_anchored_pairs_hold_the_prediction_at_the_reference(tiny_models):
     assert extra == pytest.approx(10.0 * moved["anchor_mse"].item(), rel=1e-4)
 
 
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_guided_dpo_scores_the_guided_predictions(tiny_models, family):
+    """train_guidance s: the DPO terms compare u_ref + s (c - u_ref) of policy and reference,
+    computed here by hand from the UNet itself; s = 1 is plain DPO, and policy == reference
+    still gives log 2."""
+    from accelerate import Accelerator
+
+    from align.lora import adapters_disabled
+    from align.losses import per_sample_mse
+    from align.models import unet_forward
+
+    parts = load_parts(str(tiny_models[family]))
+    add_lora(parts.unet, rank=4)
+    reference = lora_reference(Accelerator(cpu=True), parts.unet)
+    latents = torch.randn(3, 2, 4, 8, 8)
+    cond = parts.encode_prompts(["a red cat", "a blue dog", "a green cube"])
+    empty = parts.encode_prompts([""])
+    time_ids = torch.tensor([64.0, 64, 0, 0, 64, 64]).expand(3, 2, 6) if family == "sdxl" else None
+
+    def step(guidance):
+        return pair_step(parts.unet, reference, parts.noise_scheduler, latents, cond, time_ids,
+                         beta=500.0, generator=torch.Generator().manual_seed(0),
+                         guidance=guidance, uncond=empty)  # fmt: skip
+
+    assert step(4.0)["loss"].item() == pytest.approx(math.log(2), abs=1e-6)
+    with torch.no_grad():
+        for p in lora_parameters(parts.unet):
+            p.add_(torch.randn_like(p) * 0.1)
+    plain, guided = step(1.0), step(4.0)
+
+    generator = torch.Generator().manual_seed(0)  # the draws pair_step makes, in its order
+    noise = torch.randn(3, 4, 8, 8, generator=generator).repeat(2, 1, 1, 1)
+    t = draw_timesteps(3, 1000, generator).repeat(2)
+    both = latents.transpose(0, 1).flatten(0, 1)
+    noisy = parts.noise_scheduler.add_noise(both, noise, t)
+    ids = None if time_ids is None else time_ids.transpose(0, 1).flatten(0, 1)
+    with torch.no_grad():
+        c = unet_forward(parts.unet, noisy, t, cond.repeat(2), ids)
+        with adapters_disabled(parts.unet):
+            c_ref = unet_forward(parts.unet, noisy, t, cond.repeat(2), ids)
+            u_ref = unet_forward(parts.unet, noisy, t, empty.repeat(6), ids)
+
+    def loss(policy, ref):
+        mse = [per_sample_mse(x, noise).chunk(2) for x in (policy, ref)]
+        return diffusion_dpo_loss(*mse[0], *mse[1], beta=500.0).loss.item()
+
+    guided_by_hand = loss(u_ref + 4 * (c - u_ref), u_ref + 4 * (c_ref - u_ref))
+    assert guided["loss"].item() == pytest.approx(guided_by_hand, rel=1e-4)
+    assert plain["loss"].item() == pytest.approx(loss(c, c_ref), rel=1e-4)
+    assert guided["loss"].item() != pytest.approx(plain["loss"].item(), rel=1e-3)
+    guided["loss"].backward()
+    assert any(p.grad.abs().sum() > 0 for p in lora_parameters(parts.unet))
+
+
+def test_guided_training_runs_on_cached_prompts_and_validates_the_same_loss(
+    tiny_models, toy_pairs, tmp_path
+):
+    """The cache keeps the empty prompt in fp16; guided training and validation cast it, start at
+    log 2 (policy == reference) and move the LoRA."""
+    final = train(small(tiny_models["sdxl"], toy_pairs, tmp_path, cache_dir=str(tmp_path / "c"),
+                        train_guidance=3.0, caption_dropout=0.3, uncond_anchor=10.0,
+                        validation_split="validation", validation_steps=1, max_steps=2),
+                  "sdxl")  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    train_loss = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+    val_loss = {r["step"]: r["val/loss"] for r in rows if "val/loss" in r}
+    assert train_loss[1] == pytest.approx(math.log(2), abs=1e-5)
+    assert val_loss[1] != pytest.approx(math.log(2), abs=1e-6)  # one step moved the LoRA
+    assert math.isfinite(val_loss[2])
+    assert (final / "pytorch_lora_weights.safetensors").exists()
+
+
 @pytest.mark.integration
 def test_a_short_run_learns_the_oracle_preference_on_held_out_prompts(tmp_path):
     """Learning, not only running: from the shipped toy-sd base, a short LoRA run on oracle-labelled
