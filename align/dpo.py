@@ -244,8 +244,7 @@ def pair_step(unet, reference, scheduler, latents, cond: Conditioning, time_ids,
     with torch.no_grad():
         reference_prediction = reference(noisy, t, cond2, ids)
         if guidance != 1:  # a call of its own keeps the conditional batch equal to the policy's
-            empty = uncond.to(cond2.context).repeat(2 * b)  # a cached empty prompt is fp16
-            reference_uncond = reference(noisy, t, empty, ids)
+            reference_uncond = reference(noisy, t, uncond.repeat(2 * b), ids)
     plain_mse_w = mse_w.detach().mean()
     if guidance == 1:
         ref_w, ref_l = per_sample_mse(reference_prediction, target).chunk(2)

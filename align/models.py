@@ -33,10 +33,6 @@ class Conditioning:
         pooled = None if self.pooled is None else self.pooled.repeat(n, 1)
         return Conditioning(self.context.repeat(n, 1, 1), pooled)
 
-    def to(self, *args, **kwargs) -> Conditioning:
-        pooled = None if self.pooled is None else self.pooled.to(*args, **kwargs)
-        return Conditioning(self.context.to(*args, **kwargs), pooled)
-
 
 @dataclass
 class DiffusionParts:

@@ -290,9 +290,10 @@ class CachedPairs(torch.utils.data.Dataset):
         return item
 
     def empty_prompt(self):
+        """The empty prompt's embeddings, in fp32 like every item."""
         from safetensors.torch import load_file
 
-        return load_file(self.folder / "empty.safetensors")
+        return {k: v.float() for k, v in load_file(self.folder / "empty.safetensors").items()}
 
     def __getstate__(self):  # DataLoader workers open their own handles
         return {**self.__dict__, "_open": {}}

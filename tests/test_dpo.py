@@ -430,8 +430,8 @@ def test_guided_dpo_scores_the_guided_predictions(tiny_models, family):
 def test_guided_training_runs_on_cached_prompts_and_validates_the_same_loss(
     tiny_models, toy_pairs, tmp_path
 ):
-    """The cache keeps the empty prompt in fp16; guided training and validation cast it, start at
-    log 2 (policy == reference) and move the LoRA."""
+    """The cache stores the empty prompt in fp16 and hands it out in fp32 like its pairs; guided
+    training and validation on it start at log 2 (policy == reference) and move the LoRA."""
     final = train(small(tiny_models["sdxl"], toy_pairs, tmp_path, cache_dir=str(tmp_path / "c"),
                         train_guidance=3.0, caption_dropout=0.3, uncond_anchor=10.0,
                         validation_split="validation", validation_steps=1, max_steps=2),
