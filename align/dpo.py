@@ -167,7 +167,8 @@ class DPOConfig(RunConfig):
         metadata={
             "help": "Held-out split (e.g. 'validation') on which the DPO loss and implicit "
             "accuracy of the policy against the reference are logged every validation_steps "
-            "and at the end (uniform timesteps, the same noise each time)."
+            "and at the end (uniform timesteps, the same noise each time). 'none' or '' turns "
+            "off a split a config file sets."
         },
     )
     validation_steps: int = field(
@@ -191,6 +192,11 @@ class DPOConfig(RunConfig):
     )
     sample_steps: int = field(default=20, metadata={"help": "Sampling steps of the evaluation."})
     guidance_scale: float = field(default=5.0, metadata={"help": "Guidance of the evaluation."})
+
+    def __post_init__(self):
+        # The command line cannot pass None: "none" or "" switch off a split a config file sets.
+        if self.validation_split is not None and self.validation_split.lower() in ("", "none"):
+            self.validation_split = None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,6 +13,11 @@ allocation on a GPU, where the step runs as training does under ``--precision bf
 weights in bf16, LoRA in fp32, autocast; the common design's VAE in fp32). On a GPU it also
 counts the step's FLOPs and reports them against the measured bf16 matrix-product rate.
 
+The common design's VAE and text encoder time is also measured inside its step, giving
+``speed_ratio_ceiling``: the common step over itself without the encoders, i.e. the speed-up that
+skipping them buys when everything else costs the same. ``speed_ratio`` near it means ours adds
+no overhead of its own.
+
     python bench/dpo_step.py [--resolution 256] [--pairs 1] [--steps 3] [--json out.json]
     python bench/dpo_step.py --device cuda --family sdxl --resolution 1024 --precision bf16 \
         --pairs 8 --rank 64 --gradient-checkpointing --designs ours
@@ -26,6 +31,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -38,6 +44,7 @@ from bench.benchlib import (  # noqa: E402
     matmul_peak_tflops,
     median,
     peak_memory_gb,
+    synchronize,
     timed,
 )
 
@@ -148,10 +155,13 @@ def run_design(design: str, args) -> dict:
             torch.randn(pairs, 1280, device=device, dtype=weight_dtype) if sdxl else None,
         )
 
+    encode_times = []  # the common design's VAE and text encoder share of each step
+
     def step():
         if design == "ours":
             latents, cond = cached_latents, cached
         else:
+            start = time.perf_counter()
             with torch.no_grad():
                 encoded = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
                 cond = (
@@ -160,6 +170,8 @@ def run_design(design: str, args) -> dict:
                     else Conditioning(encode_sd(tokenizers[0], encoders[0], prompts))
                 )
             latents = encoded.view(pairs, 2, 4, latent, latent)
+            synchronize(device)
+            encode_times.append(time.perf_counter() - start)
         figures = pair_step(unet, reference, scheduler, latents, cond, time_ids, beta=5000.0)
         accelerator.backward(figures["loss"])
         optimizer.step()
@@ -172,6 +184,8 @@ def run_design(design: str, args) -> dict:
         "seconds_per_step": times,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
+    if encode_times:  # of the timed steps only
+        result["encode_seconds_per_step"] = encode_times[-len(times) :]
     if device.type == "cuda":
         result["peak_gpu_memory_gb"] = peak_memory_gb(device)
         peak = matmul_peak_tflops(device)
@@ -232,6 +246,10 @@ def main() -> None:
         memory = "peak_gpu_memory_gb" if args.device != "cpu" else "peak_rss_gb"
         figures["speed_ratio"] = ours["pairs_per_s"] / common["pairs_per_s"]
         figures["memory_ratio"] = ours[memory] / common[memory]
+        # What skipping the encoders can buy at most: the common step against itself without them.
+        encode = median(common["encode_seconds_per_step"])
+        step = median(common["seconds_per_step"])
+        figures["speed_ratio_ceiling"] = step / (step - encode)
     print(json.dumps(figures, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")

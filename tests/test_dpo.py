@@ -334,6 +334,15 @@ def test_shipped_configs_parse(name):
         assert config.mode == ("lora" if "lora" in name else "full")
 
 
+@pytest.mark.parametrize("off", ["none", "None", ""])
+def test_the_command_line_switches_off_a_validation_split_the_config_sets(off):
+    from reward.runtime import parse_config
+
+    toy = ["--config", str(REPO / "recipes/configs/dpo/toy_sd.yaml")]
+    assert parse_config(DPOConfig, toy).validation_split == "validation"
+    assert parse_config(DPOConfig, [*toy, "--validation_split", off]).validation_split is None
+
+
 def test_a_pair_with_a_missing_image_follows_the_data_policy(toy_pairs, tmp_path):
     from reward.data import BadRowError, write_split
 
