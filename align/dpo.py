@@ -193,11 +193,6 @@ class DPOConfig(RunConfig):
     sample_steps: int = field(default=20, metadata={"help": "Sampling steps of the evaluation."})
     guidance_scale: float = field(default=5.0, metadata={"help": "Guidance of the evaluation."})
 
-    def __post_init__(self):
-        # The command line cannot pass None: "none" or "" switch off a split a config file sets.
-        if self.validation_split is not None and self.validation_split.lower() in ("", "none"):
-            self.validation_split = None
-
 
 # ----------------------------------------------------------------------------------------------
 # One step, shared by every mode

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +70,8 @@ def parse_config(config_type: type[T], args: list[str] | None = None) -> T:
     """Parse ``--config file.yaml`` plus ``--flag value`` overrides into ``config_type``.
 
     Unknown keys in the YAML or on the command line are errors that name them. ``--help`` lists
-    every field with its help text and default.
+    every field with its help text and default. A field that may be None takes ``none`` or ``''``
+    for None, so the command line can switch off what a config file sets (e.g. a cache folder).
     """
     from trl import TrlParser
 
@@ -78,6 +80,12 @@ def parse_config(config_type: type[T], args: list[str] | None = None) -> T:
         (config,) = parser.parse_args_and_config(args=args)
     except ValueError as error:  # unknown keys: a usage error, not a traceback
         parser.error(str(error))
+    hints = typing.get_type_hints(config_type)  # the parser rewrites fields' types in place
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        optional = type(None) in typing.get_args(hints[item.name])
+        if optional and isinstance(value, str) and value.lower() in ("", "none"):
+            setattr(config, item.name, None)
     return config
 
 
