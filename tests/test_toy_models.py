@@ -1,5 +1,6 @@
 """The shipped toy base models: loadable like Hub models, readable by the oracle, LoRA-ready."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,8 +25,15 @@ def test_shipped_models_load_and_generate_readable_images(name, pipeline_class):
     images = generate(pipe, prompts, list(range(8)), steps=10)
     assert all(image.size == (32, 32) for image in images)
     assert sum(read_image(image) is not None for image in images) >= 6
+    repeat = generate(pipe, prompts, list(range(8)), steps=10)
+    assert [list(i.getdata()) for i in repeat] == [list(i.getdata()) for i in images]
+    # A seed gives its image whatever else is in the batch. Not bit for bit: a batch of another
+    # size may take other CPU kernels (an Intel Xeon moved one pixel by one level at batch 2),
+    # while a seed mix-up would change most pixels.
     again = generate(pipe, prompts[:2], [0, 1], steps=10)
-    assert [list(i.getdata()) for i in again] == [list(i.getdata()) for i in images[:2]]
+    for alone, batched in zip(again, images[:2]):
+        diff = np.abs(np.asarray(alone, dtype=int) - np.asarray(batched, dtype=int))
+        assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
 
 
 def test_vae_keeps_what_the_oracle_reads():
