@@ -25,14 +25,15 @@ def test_shipped_models_load_and_generate_readable_images(name, pipeline_class):
     images = generate(pipe, prompts, list(range(8)), steps=10)
     assert all(image.size == (32, 32) for image in images)
     assert sum(read_image(image) is not None for image in images) >= 6
+    pixels = [np.asarray(image, dtype=int) for image in images]
     repeat = generate(pipe, prompts, list(range(8)), steps=10)
-    assert [list(i.getdata()) for i in repeat] == [list(i.getdata()) for i in images]
+    assert all(np.array_equal(np.asarray(a, dtype=int), b) for a, b in zip(repeat, pixels))
     # A seed gives its image whatever else is in the batch. Not bit for bit: a batch of another
     # size may take other CPU kernels (an Intel Xeon moved one pixel by one level at batch 2),
-    # while a seed mix-up would change most pixels.
+    # while swapping two seeds moved pixels by up to 22-53 levels, 2.8-6.6 on average.
     again = generate(pipe, prompts[:2], [0, 1], steps=10)
-    for alone, batched in zip(again, images[:2]):
-        diff = np.abs(np.asarray(alone, dtype=int) - np.asarray(batched, dtype=int))
+    for alone, batched in zip(again, pixels[:2]):
+        diff = np.abs(np.asarray(alone, dtype=int) - batched)
         assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
 
 
