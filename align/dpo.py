@@ -448,13 +448,14 @@ def train(config: DPOConfig, family: str) -> Path:
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
         accelerator.mixed_precision, torch.float32
     )
+    # LoRA mode loads the frozen base weights straight into half precision (no transient fp32
+    # copy in host memory); full mode trains fp32 master weights.
+    unet_dtype = weight_dtype if config.mode == "lora" else torch.float32
     parts = load_parts(config.model, family, config.vae, config.revision, config.variant,
-                       vae_dtype=DTYPES[config.vae_dtype])  # fmt: skip
+                       unet_dtype=unet_dtype, vae_dtype=DTYPES[config.vae_dtype])  # fmt: skip
     unet = parts.unet
     reference_unet = None
     if config.mode == "lora":
-        if weight_dtype != torch.float32:  # frozen base weights in half precision
-            unet.to(dtype=weight_dtype)
         unet.to(accelerator.device)
         add_lora(unet, config.lora_rank, config.lora_alpha, config.lora_targets)
         trainable = lora_parameters(unet)

@@ -8,8 +8,10 @@ product on the same device, not a datasheet figure.
 from __future__ import annotations
 
 import platform
+import resource
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -94,3 +96,26 @@ def peak_memory_gb(device) -> float | None:
     if torch.device(device).type != "cuda":
         return None
     return torch.cuda.max_memory_allocated(device) / 1e9
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak of this process's resident memory, so that a later ``peak_rss_gb`` counts
+    what is held and allocated from here on (weights already loaded included) and not the
+    transient peaks of setup, such as building weights in fp32 before casting them. Linux only;
+    False where the peak cannot be reset."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process in GiB: since the last ``reset_peak_rss`` on Linux,
+    since the start elsewhere."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -7,18 +7,28 @@
 
 Both use real-size components with random weights and the same loss code
 (``align.dpo.pair_step``): SD1.5 (UNet 860M, VAE 84M, CLIP-L text encoder 123M) or SDXL (UNet
-2.6B, the same VAE, CLIP-L and OpenCLIP-bigG text encoders). Each design runs in its own fresh
-process, so its peak memory is its own: resident memory (ru_maxrss) on a CPU, torch's peak
-allocation on a GPU, where the step runs as training does under ``--precision bf16`` (frozen
-weights in bf16, LoRA in fp32, autocast; the common design's VAE in fp32). On a GPU it also
-counts the step's FLOPs and reports them against the measured bf16 matrix-product rate.
+2.6B, the same VAE, CLIP-L and OpenCLIP-bigG text encoders). ``--precision bf16`` runs the step
+as training does (frozen weights in bf16, LoRA in fp32, autocast). The common design's VAE
+follows the usual scripts (``--common-vae auto``): an SD script casts it to the weight dtype, an
+SDXL script keeps it in fp32.
+
+Each design runs in its own fresh process, so its peak memory is its own: on a CPU the peak
+resident memory of the steps (the peak is reset once the models are built, so it counts the
+weights held and everything the steps allocate, not the transient fp32 copies of building random
+weights; ``process_peak_rss_gb`` keeps the whole process's peak), on a GPU torch's peak
+allocation. On a GPU it also counts the step's FLOPs and reports them against the measured bf16
+matrix-product rate.
 
 The common design's VAE and text encoder time is also measured inside its step, giving
 ``speed_ratio_ceiling``: the common step over itself without the encoders, i.e. the speed-up that
 skipping them buys when everything else costs the same. ``speed_ratio`` near it means ours adds
-no overhead of its own.
+no overhead of its own; above it, the common design's UNet passes themselves ran slower than
+ours (it holds a second UNet and the encoders' activations in memory).
 
-    python bench/dpo_step.py [--resolution 256] [--pairs 1] [--steps 3] [--json out.json]
+On a shared machine, ``--rounds N`` runs the two designs N times in alternating order and
+quotes the median of the per-round ratios, so a drift in the machine's speed moves both alike.
+
+    python bench/dpo_step.py [--resolution 256] [--pairs 1] [--steps 3] [--rounds 3] [--json out.json]
     python bench/dpo_step.py --device cuda --family sdxl --resolution 1024 --precision bf16 \
         --pairs 8 --rank 64 --gradient-checkpointing --designs ours
 """
@@ -44,6 +54,8 @@ from bench.benchlib import (  # noqa: E402
     matmul_peak_tflops,
     median,
     peak_memory_gb,
+    peak_rss_gb,
+    reset_peak_rss,
     synchronize,
     timed,
 )
@@ -128,13 +140,16 @@ def run_design(design: str, args) -> dict:
     prompts = ["a photo of a red fox in the snow"] * pairs
     if design == "common":
         reference_unet = copy.deepcopy(unet).requires_grad_(False).eval()
-        with torch.device(device):  # the VAE in fp32, as training runs it by default
+        with torch.device(device):
             vae = sd15_vae().eval().requires_grad_(False)
             encoders = [clip_l_text()] + ([clip_bigg_text()] if sdxl else [])
+        vae_fp32 = args.common_vae == "fp32" or (args.common_vae == "auto" and sdxl)
+        vae.to(dtype=torch.float32 if vae_fp32 else weight_dtype)
         for encoder in encoders:
             encoder.to(dtype=weight_dtype)
         tokenizers = [build_clip_tokenizer(tempfile.mkdtemp()) for _ in encoders]
         pixels = torch.rand(pairs * 2, 3, args.resolution, args.resolution, device=device) * 2 - 1
+        pixels = pixels.to(vae.dtype)
 
         def reference(noisy, t, cond, ids):
             with accelerator.autocast():
@@ -177,12 +192,16 @@ def run_design(design: str, args) -> dict:
         optimizer.step()
         optimizer.zero_grad()
 
+    process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    steps_only = reset_peak_rss()
     times, _ = timed(step, args.steps, args.warmup, device)
     result = {
         "design": design,
         "pairs_per_s": pairs / median(times),
         "seconds_per_step": times,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_rss_gb": peak_rss_gb(),
+        "peak_rss_of": "steps" if steps_only else "process",
+        "process_peak_rss_gb": max(process_peak, peak_rss_gb()),
     }
     if encode_times:  # of the timed steps only
         result["encode_seconds_per_step"] = encode_times[-len(times) :]
@@ -202,6 +221,41 @@ def run_design(design: str, args) -> dict:
     return result
 
 
+def run_in_process(design: str, options: dict) -> dict:
+    """One design's figures from a fresh process (its peak memory is then its own)."""
+    command = [sys.executable, __file__, "--design", design]
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            command += [flag] if value else []
+        else:
+            command += [flag, str(value)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    if done.returncode or not line:  # e.g. out of memory: recorded, the other design runs
+        print(f"{design} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}", file=sys.stderr)
+        error = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"design": design, "error": error[:500]}
+    return json.loads(line[0][len("RESULT ") :])
+
+
+def merge_rounds(results: list[dict]) -> dict:
+    """One design's figures over several rounds: per-step lists joined, numbers the median of the
+    rounds' (pairs/s from each round's median step), anything else as the first round gave it."""
+    if len(results) == 1 or any("error" in r for r in results):
+        return next((r for r in results if "error" in r), results[0])
+    merged = {}
+    for key, first in results[0].items():
+        values = [r[key] for r in results]
+        if isinstance(first, list):
+            merged[key] = [x for value in values for x in value]
+        elif isinstance(first, float):
+            merged[key] = median(values)
+        else:
+            merged[key] = first
+    return merged
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -211,8 +265,18 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=1, help="pairs per step")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--common-vae", choices=["auto", "fp32", "weight"], default="auto",
+        help="the common design's VAE dtype: auto (SD: the weight dtype, SDXL: fp32), fp32, or "
+        "the weight dtype",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, default=3, help="timed steps (the median is kept)")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--rounds", type=int, default=1,
+        help="run each design this many times, alternating their order; ratios are the median "
+        "of the rounds' ratios",
+    )  # fmt: skip
     parser.add_argument("--designs", default="ours,common", help="comma-separated")
     parser.add_argument("--design", choices=["ours", "common"], help="run one design here")
     parser.add_argument("--json", help="also write the figures here")
@@ -220,33 +284,29 @@ def main() -> None:
     if args.design:
         print("RESULT " + json.dumps(run_design(args.design, args)))
         return
-    options = {k: v for k, v in vars(args).items() if k not in ("design", "designs", "json")}
+    options = {
+        k: v for k, v in vars(args).items() if k not in ("design", "designs", "json", "rounds")
+    }
     figures = dict(options, threads=torch.get_num_threads(), machine=describe_machine(args.device))
     designs = args.designs.split(",")
+    rounds = []
+    for index in range(args.rounds):  # alternate the order, so drift moves both designs alike
+        order = designs if index % 2 == 0 else designs[::-1]
+        rounds.append({design: run_in_process(design, options) for design in order})
     for design in designs:
-        command = [sys.executable, __file__, "--design", design]
-        for key, value in options.items():
-            flag = "--" + key.replace("_", "-")
-            if isinstance(value, bool):
-                command += [flag] if value else []
-            else:
-                command += [flag, str(value)]
-        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
-        line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
-        if done.returncode or not line:  # e.g. out of memory: recorded, the other design runs
-            print(
-                f"{design} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}", file=sys.stderr
-            )
-            error = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            figures[design] = {"design": design, "error": error[:500]}
-            continue
-        figures[design] = json.loads(line[0][len("RESULT ") :])
+        figures[design] = merge_rounds([results[design] for results in rounds])
     if len(designs) == 2 and all("error" not in figures[d] for d in designs):
-        ours, common = figures["ours"], figures["common"]
         memory = "peak_gpu_memory_gb" if args.device != "cpu" else "peak_rss_gb"
-        figures["speed_ratio"] = ours["pairs_per_s"] / common["pairs_per_s"]
-        figures["memory_ratio"] = ours[memory] / common[memory]
+        speed, space = [], []
+        for results in rounds:
+            ours, common = results["ours"], results["common"]
+            speed.append(ours["pairs_per_s"] / common["pairs_per_s"])
+            space.append(ours[memory] / common[memory])
+        figures["speed_ratio"], figures["memory_ratio"] = median(speed), median(space)
+        if args.rounds > 1:
+            figures["speed_ratio_per_round"], figures["memory_ratio_per_round"] = speed, space
         # What skipping the encoders can buy at most: the common step against itself without them.
+        common = figures["common"]
         encode = median(common["encode_seconds_per_step"])
         step = median(common["seconds_per_step"])
         figures["speed_ratio_ceiling"] = step / (step - encode)

@@ -243,6 +243,35 @@ def test_training_moves_only_the_lora_and_writes_a_loadable_adapter(
     assert np.abs(_sample(pipe) - plain).max() > 0  # trained: differs from the base
 
 
+def test_bf16_run_holds_the_frozen_unet_in_bf16_and_trains_an_fp32_lora(
+    tiny_models, toy_pairs, tmp_path, monkeypatch
+):
+    from safetensors.torch import load_file
+
+    import align.dpo
+
+    seen = {}
+    load, add = align.dpo.load_parts, align.dpo.add_lora
+
+    def recording_load_parts(*args, **kwargs):  # loaded in bf16: no transient fp32 copy
+        parts = load(*args, **kwargs)
+        seen["loaded"] = {p.dtype for p in parts.unet.parameters()}
+        return parts
+
+    def recording_add_lora(unet, *args, **kwargs):
+        add(unet, *args, **kwargs)
+        seen["lora"] = {p.dtype for p in lora_parameters(unet)}
+
+    monkeypatch.setattr(align.dpo, "load_parts", recording_load_parts)
+    monkeypatch.setattr(align.dpo, "add_lora", recording_add_lora)
+    config = small(tiny_models["sd"], toy_pairs, tmp_path, mixed_precision="bf16", max_steps=2)
+    final = train(config, "sd")
+    assert seen == {"loaded": {torch.bfloat16}, "lora": {torch.float32}}
+    assert all(math.isfinite(row["train/loss"]) for row in log(tmp_path).values())
+    adapter = load_file(final / "pytorch_lora_weights.safetensors")
+    assert adapter and {t.dtype for t in adapter.values()} == {torch.float32}
+
+
 def test_resume_repeats_the_later_losses(tiny_models, toy_pairs, tmp_path):
     train(small(tiny_models["sdxl"], toy_pairs, tmp_path / "full", caption_dropout=0.3), "sdxl")
     full = log(tmp_path / "full")
