@@ -13,10 +13,10 @@ follows the usual scripts (``--common-vae auto``): an SD script casts it to the 
 SDXL script keeps it in fp32.
 
 Each design runs in its own fresh process, so its peak memory is its own: on a CPU the peak
-resident memory of the steps (the peak is reset once the models are built, so it counts the
-weights held and everything the steps allocate, not the transient fp32 copies of building random
-weights; ``process_peak_rss_gb`` keeps the whole process's peak), on a GPU torch's peak
-allocation. On a GPU it also counts the step's FLOPs and reports them against the measured bf16
+resident memory of the steps, on a GPU torch's peak allocation of the steps (either peak is
+reset once the models are built, so it counts the weights held and everything the steps
+allocate, not the transient fp32 copies of building random weights; ``process_peak_rss_gb``
+keeps the whole process's peak). On a GPU it also counts the step's FLOPs and reports them against the measured bf16
 matrix-product rate.
 
 The common design's VAE and text encoder time is also measured inside its step, giving
@@ -194,6 +194,8 @@ def run_design(design: str, args) -> dict:
 
     process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     steps_only = reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     times, _ = timed(step, args.steps, args.warmup, device)
     result = {
         "design": design,
