@@ -248,10 +248,10 @@ def merge_rounds(results: list[dict]) -> dict:
         return next((r for r in results if "error" in r), results[0])
     merged = {}
     for key, first in results[0].items():
-        values = [r[key] for r in results]
-        if isinstance(first, list):
+        values = [r.get(key) for r in results]
+        if all(isinstance(value, list) for value in values):
             merged[key] = [x for value in values for x in value]
-        elif isinstance(first, float):
+        elif all(isinstance(value, float) for value in values):
             merged[key] = median(values)
         else:
             merged[key] = first
