@@ -16,8 +16,8 @@ Each design runs in its own fresh process, so its peak memory is its own: on a C
 resident memory of the steps, on a GPU torch's peak allocation of the steps (either peak is
 reset once the models are built, so it counts the weights held and everything the steps
 allocate, not the transient fp32 copies of building random weights; ``process_peak_rss_gb``
-keeps the whole process's peak). On a GPU it also counts the step's FLOPs and reports them against the measured bf16
-matrix-product rate.
+keeps the whole process's peak). On a GPU it also counts the step's FLOPs and reports them
+against the measured bf16 matrix-product rate.
 
 The common design's VAE and text encoder time is also measured inside its step, giving
 ``speed_ratio_ceiling``: the common step over itself without the encoders, i.e. the speed-up that
@@ -28,7 +28,8 @@ ours (it holds a second UNet and the encoders' activations in memory).
 On a shared machine, ``--rounds N`` runs the two designs N times in alternating order and
 quotes the median of the per-round ratios, so a drift in the machine's speed moves both alike.
 
-    python bench/dpo_step.py [--resolution 256] [--pairs 1] [--steps 3] [--rounds 3] [--json out.json]
+    python bench/dpo_step.py [--resolution 256] [--pairs 1] [--steps 3] [--rounds 3] \
+        [--precision bf16] [--json out.json]
     python bench/dpo_step.py --device cuda --family sdxl --resolution 1024 --precision bf16 \
         --pairs 8 --rank 64 --gradient-checkpointing --designs ours
 """
