@@ -26,7 +26,14 @@ from pathlib import Path
 
 import torch
 
-from align.lora import DEFAULT_TARGETS, adapters_disabled, add_lora, lora_parameters, save_lora
+from align.lora import (
+    DEFAULT_TARGETS,
+    adapters_disabled,
+    add_lora,
+    lora_parameters,
+    save_lora,
+    skip_lora_input_casts,
+)
 from align.losses import diffusion_dpo_loss, per_sample_mse, prediction_target
 from align.models import Conditioning, load_parts, unet_forward
 from align.pairs import CachedPairs, PreferencePairs, build_cache, collate_pairs
@@ -458,6 +465,8 @@ def train(config: DPOConfig, family: str) -> Path:
     if config.mode == "lora":
         unet.to(accelerator.device)
         add_lora(unet, config.lora_rank, config.lora_alpha, config.lora_targets)
+        if weight_dtype != torch.float32 and accelerator.distributed_type.value != "DEEPSPEED":
+            skip_lora_input_casts(unet)  # every forward runs under accelerate's autocast
         trainable = lora_parameters(unet)
     else:
         reference_unet = copy.deepcopy(unet).requires_grad_(False).eval()

@@ -54,6 +54,21 @@ def lora_parameters(unet) -> list[torch.nn.Parameter]:
     return [p for n, p in unet.named_parameters() if "lora_" in n]
 
 
+def skip_lora_input_casts(unet) -> None:
+    """Stop peft casting each LoRA layer's input to the LoRA weights' dtype.
+
+    With frozen weights in bf16 or fp16 and the LoRA in fp32, peft copies every LoRA input up to
+    fp32 and autocast copies it straight back down for the product: the results are bit-identical
+    and both copies are wasted work (8% of an SD1.5-sized bf16 step on a CPU). Only for a UNet
+    that always runs under autocast: without it, half-precision inputs would meet fp32 weights.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in unet.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False
+
+
 @contextlib.contextmanager
 def adapters_disabled(unet):
     """The base UNet, LoRA switched off, inside the block: Diffusion-DPO's reference model with no

@@ -10,7 +10,9 @@ Both use real-size components with random weights and the same loss code
 2.6B, the same VAE, CLIP-L and OpenCLIP-bigG text encoders). ``--precision bf16`` runs the step
 as training does (frozen weights in bf16, LoRA in fp32, autocast). The common design's VAE
 follows the usual scripts (``--common-vae auto``): an SD script casts it to the weight dtype, an
-SDXL script keeps it in fp32.
+SDXL script keeps it in fp32. Under bf16, ours skips peft's LoRA input casts as training does
+(``align.lora.skip_lora_input_casts``) and the common design keeps them as the usual scripts do
+(``--skip-lora-casts``).
 
 Each design runs in its own fresh process, so its peak memory is its own: on a CPU the peak
 resident memory of the steps, on a GPU torch's peak allocation of the steps (either peak is
@@ -121,7 +123,7 @@ def run_design(design: str, args) -> dict:
     from diffusers import DDPMScheduler
 
     from align.dpo import lora_reference, pair_step
-    from align.lora import add_lora, lora_parameters
+    from align.lora import add_lora, lora_parameters, skip_lora_input_casts
     from align.models import Conditioning, default_time_ids, unet_forward
     from align.text import encode_sd, encode_sdxl
     from reward.tokenizer import build_clip_tokenizer
@@ -157,6 +159,9 @@ def run_design(design: str, args) -> dict:
                 return unet_forward(reference_unet, noisy, t, cond, ids)
 
     add_lora(unet, rank=args.rank)
+    skipping = {"ours": ("ours",), "both": ("ours", "common"), "none": ()}[args.skip_lora_casts]
+    if bf16 and design in skipping:  # as training does under mixed precision
+        skip_lora_input_casts(unet)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -272,6 +277,11 @@ def main() -> None:
         "--common-vae", choices=["auto", "fp32", "weight"], default="auto",
         help="the common design's VAE dtype: auto (SD: the weight dtype, SDXL: fp32), fp32, or "
         "the weight dtype",
+    )  # fmt: skip
+    parser.add_argument(
+        "--skip-lora-casts", choices=["ours", "both", "none"], default="ours",
+        help="under bf16, which designs skip peft's LoRA input casts: ours (as pickalign "
+        "training does; the usual scripts keep them), both, or none",
     )  # fmt: skip
     parser.add_argument("--steps", type=int, default=3, help="timed steps (the median is kept)")
     parser.add_argument("--warmup", type=int, default=1)

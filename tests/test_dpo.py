@@ -9,7 +9,14 @@ import torch
 from PIL import Image
 
 from align.dpo import DPOConfig, draw_timesteps, lora_reference, pair_step, train
-from align.lora import LoraMismatchError, add_lora, load_lora, lora_parameters, save_lora
+from align.lora import (
+    LoraMismatchError,
+    add_lora,
+    load_lora,
+    lora_parameters,
+    save_lora,
+    skip_lora_input_casts,
+)
 from align.losses import diffusion_dpo_loss
 from align.models import load_parts
 from align.pairs import CachedPairs, PairCrop, PreferencePairs, build_cache, prepare_image
@@ -120,6 +127,28 @@ def _sample(pipe):
     out = pipe("a red circle", num_inference_steps=3, guidance_scale=3.0, height=64, width=64,
                generator=torch.Generator().manual_seed(0), output_type="np")  # fmt: skip
     return out.images[0]
+
+
+def test_skipping_lora_input_casts_under_autocast_changes_no_output_or_gradient(tiny_models):
+    parts = load_parts(str(tiny_models["sd"]), unet_dtype=torch.bfloat16)
+    unet = parts.unet
+    _perturbed_lora(unet, rank=4, alpha=4)  # fp32 LoRA on a bf16 UNet, as bf16 training holds it
+    noisy = torch.randn(2, 4, 8, 8, dtype=torch.bfloat16)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, dtype=torch.bfloat16)
+
+    def run():
+        unet.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = unet(noisy, torch.tensor([10, 700]), encoder_hidden_states=context).sample
+        out.float().square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in lora_parameters(unet)]
+
+    cast_out, cast_grads = run()
+    skip_lora_input_casts(unet)
+    skip_out, skip_grads = run()
+    assert cast_out.abs().sum() > 0 and any(g.abs().sum() > 0 for g in cast_grads)
+    assert torch.equal(skip_out, cast_out)
+    assert all(torch.equal(a, b) for a, b in zip(skip_grads, cast_grads, strict=True))
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
@@ -264,10 +293,18 @@ def test_bf16_run_holds_the_frozen_unet_in_bf16_and_trains_an_fp32_lora(
 
     monkeypatch.setattr(align.dpo, "load_parts", recording_load_parts)
     monkeypatch.setattr(align.dpo, "add_lora", recording_add_lora)
-    config = small(tiny_models["sd"], toy_pairs, tmp_path, mixed_precision="bf16", max_steps=2)
+    skip = align.dpo.skip_lora_input_casts
+    monkeypatch.setattr(align.dpo, "skip_lora_input_casts",
+                        lambda unet: seen.setdefault("skipped", skip(unet)))  # fmt: skip
+    config = small(tiny_models["sd"], toy_pairs, tmp_path, mixed_precision="bf16", max_steps=2,
+                   validation_split="validation", validation_steps=2)  # fmt: skip
     final = train(config, "sd")
-    assert seen == {"loaded": {torch.bfloat16}, "lora": {torch.float32}}
-    assert all(math.isfinite(row["train/loss"]) for row in log(tmp_path).values())
+    # and peft's input casts are skipped: every forward (policy, reference, validation) runs
+    # under autocast, so the run does not fail on a bf16 input meeting an fp32 LoRA weight
+    assert seen == {"loaded": {torch.bfloat16}, "lora": {torch.float32}, "skipped": None}
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    losses = [row[key] for row in rows for key in ("train/loss", "val/loss") if key in row]
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)  # 2 steps, 1 validation
     adapter = load_file(final / "pytorch_lora_weights.safetensors")
     assert adapter and {t.dtype for t in adapter.values()} == {torch.float32}
 
