@@ -462,10 +462,11 @@ def train(config: DPOConfig, family: str) -> Path:
                        unet_dtype=unet_dtype, vae_dtype=DTYPES[config.vae_dtype])  # fmt: skip
     unet = parts.unet
     reference_unet = None
+    deepspeed = accelerator.distributed_type.value == "DEEPSPEED"
     if config.mode == "lora":
         unet.to(accelerator.device)
         add_lora(unet, config.lora_rank, config.lora_alpha, config.lora_targets)
-        if weight_dtype != torch.float32 and accelerator.distributed_type.value != "DEEPSPEED":
+        if weight_dtype != torch.float32 and not deepspeed:
             skip_lora_input_casts(unet)  # every forward runs under accelerate's autocast
         trainable = lora_parameters(unet)
     else:
@@ -515,7 +516,7 @@ def train(config: DPOConfig, family: str) -> Path:
         reference = frozen_reference(accelerator, reference_unet, config.reference_offload)
 
     ema = make_ema(accelerator, config, trainable)
-    lora_only = config.mode == "lora" and accelerator.distributed_type.value != "DEEPSPEED"
+    lora_only = config.mode == "lora" and not deepspeed
     if lora_only:  # checkpoints hold the adapter, not a copy of the frozen UNet
         accelerator.register_save_state_pre_hook(keep_only_lora)
     state = maybe_resume(accelerator, config, **({"strict": False} if lora_only else {}))

@@ -98,11 +98,14 @@ def peak_memory_gb(device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 1e9
 
 
-def reset_peak_rss() -> bool:
-    """Start a new peak of this process's resident memory, so that a later ``peak_rss_gb`` counts
-    what is held and allocated from here on (weights already loaded included) and not the
-    transient peaks of setup, such as building weights in fp32 before casting them. Linux only;
-    False where the peak cannot be reset."""
+def reset_peak_memory(device) -> bool:
+    """Start new peaks of this process's resident memory and, on a GPU, of torch's allocation, so
+    that later ``peak_rss_gb`` / ``peak_memory_gb`` count what is held and allocated from here on
+    (weights already loaded included) and not the transient peaks of setup, such as building
+    weights in fp32 before casting them. False where the resident peak cannot be reset (it can
+    on Linux only)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -58,7 +57,7 @@ from bench.benchlib import (  # noqa: E402
     median,
     peak_memory_gb,
     peak_rss_gb,
-    reset_peak_rss,
+    reset_peak_memory,
     synchronize,
     timed,
 )
@@ -198,10 +197,8 @@ def run_design(design: str, args) -> dict:
         optimizer.step()
         optimizer.zero_grad()
 
-    process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    steps_only = reset_peak_rss()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    process_peak = peak_rss_gb()  # of setup, before the reset
+    steps_only = reset_peak_memory(device)
     times, _ = timed(step, args.steps, args.warmup, device)
     result = {
         "design": design,
