@@ -33,9 +33,13 @@ def small(model, data, out, **overrides) -> DPOConfig:
     return DPOConfig(**{**fields, **overrides})
 
 
+def log_rows(folder) -> list[dict]:
+    """Every row of a run's log.jsonl (a validation row shares its step with a training row)."""
+    return [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+
+
 def log(folder) -> dict[int, dict]:
-    lines = (folder / "log.jsonl").read_text().splitlines()
-    return {row["step"]: row for row in map(json.loads, lines)}
+    return {row["step"]: row for row in log_rows(folder)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,7 +306,7 @@ def test_bf16_run_holds_the_frozen_unet_in_bf16_and_trains_an_fp32_lora(
     # and peft's input casts are skipped: every forward (policy, reference, validation) runs
     # under autocast, so the run does not fail on a bf16 input meeting an fp32 LoRA weight
     assert seen == {"loaded": {torch.bfloat16}, "lora": {torch.float32}, "skipped": None}
-    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    rows = log_rows(tmp_path)
     losses = [row[key] for row in rows for key in ("train/loss", "val/loss") if key in row]
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)  # 2 steps, 1 validation
     adapter = load_file(final / "pytorch_lora_weights.safetensors")
@@ -511,7 +515,7 @@ def test_guided_training_runs_on_cached_prompts_and_validates_the_same_loss(
                         train_guidance=3.0, caption_dropout=0.3, uncond_anchor=10.0,
                         validation_split="validation", validation_steps=1, max_steps=2),
                   "sdxl")  # fmt: skip
-    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    rows = log_rows(tmp_path)
     train_loss = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
     val_loss = {r["step"]: r["val/loss"] for r in rows if "val/loss" in r}
     assert train_loss[1] == pytest.approx(math.log(2), abs=1e-5)
@@ -538,7 +542,6 @@ def test_a_short_run_learns_the_oracle_preference_on_held_out_prompts(tmp_path):
     assert validation["split"] == "validation" and validation["pairs"] >= 100  # 129 decided
     assert validation["implicit_accuracy"] >= 0.65
     assert validation["loss"] < math.log(2) - 0.02
-    rows = map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines())
-    validated = {row["step"]: row for row in rows if "val/loss" in row}
+    validated = {row["step"]: row for row in log_rows(tmp_path / "run") if "val/loss" in row}
     assert sorted(validated) == [15, 30]
     assert validated[30]["val/loss"] == pytest.approx(validation["loss"])
