@@ -5,7 +5,8 @@ included), like Pick-a-Pic's pairs from different models:
 
 - ``render``: a clean render of the prompt;
 - ``render-wrong-1`` / ``render-wrong-2``: a render with one or two attributes changed;
-- ``toy-sd`` / ``toy-sdxl``: the shipped toy base models' own samples.
+- ``toy-sd`` / ``toy-sdxl``: the toy base models' own samples (the shipped ones, or pipelines
+  named with ``with_base_models``, say a base retrained with ``recipes/pretrain_toy.py``).
 
 Prompts of train, validation and test are disjoint (``reward.toyworld.prompt_splits``);
 ``validation_unique`` and ``test_unique`` keep one example per prompt of validation and test,
@@ -37,6 +38,21 @@ def shipped_toy_models() -> dict[str, Path]:
     """The toy base pipelines that ship with pickalign: {"toy-sd": folder, "toy-sdxl": folder}."""
     found = {f"toy-{name}": TOY_MODELS / name for name in ("sd", "sdxl")}
     return {name: path for name, path in found.items() if (path / "model_index.json").exists()}
+
+
+def with_base_models(overrides: dict[str, str | Path]) -> dict[str, Path]:
+    """The shipped toy models with some sources replaced or added: ``{"toy-sd": folder}`` makes
+    the toy-sd sides of the pairs come from that pipeline folder."""
+    models = shipped_toy_models()
+    for name, folder in overrides.items():
+        folder = Path(folder)
+        if not (folder / "model_index.json").exists():
+            raise ValueError(f"base model {name!r}: {folder} is not a diffusers pipeline folder "
+                             "(no model_index.json)")  # fmt: skip
+        if name in RENDER_SOURCES or name == "base":
+            raise ValueError(f"base model name {name!r} is taken by a render source")
+        models[name] = folder
+    return models
 
 
 def with_wrong_attributes(attributes: Attributes, count: int, rng) -> Attributes:

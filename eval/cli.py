@@ -53,16 +53,26 @@ def _build_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _toy_data(args: argparse.Namespace) -> int:
-    from align.toy_data import generate_toy_dataset
+def _key_values(items: list[str], flag: str, cast=str) -> dict:
+    """``["a=1", "b=2"]`` -> ``{"a": cast("1"), ...}``; a malformed item exits naming ``flag``."""
+    try:
+        return {k: cast(v) for k, v in (item.split("=") for item in items)}
+    except ValueError:
+        raise SystemExit(f"{flag}: expected name=value, got {items!r}") from None
 
+
+def _toy_data(args: argparse.Namespace) -> int:
+    from align.toy_data import generate_toy_dataset, with_base_models
+
+    if args.renders_only and args.base_model:
+        raise SystemExit("--renders-only and --base-model exclude each other")
     base = {} if args.renders_only else None
-    mix = None
-    if args.mix:
+    if args.base_model:
         try:
-            mix = {k: float(v) for k, v in (item.split("=") for item in args.mix.split(","))}
-        except ValueError:
-            raise SystemExit(f"--mix: expected source=share,... got {args.mix!r}") from None
+            base = with_base_models(_key_values(args.base_model, "--base-model"))
+        except ValueError as error:
+            raise SystemExit(f"--base-model: {error}") from None
+    mix = _key_values(args.mix.split(","), "--mix", float) if args.mix else None
     sizes = generate_toy_dataset(
         args.out, seed=args.seed, prompts=args.prompts, pairs_per_prompt=args.pairs_per_prompt,
         base_models=base, mix=mix,
@@ -112,6 +122,7 @@ def _toy_eval(args: argparse.Namespace) -> int:
     print(json.dumps({"model": result["a"]}, indent=2))
     if args.against:
         print(json.dumps({"against": result["b"]}, indent=2))
+        print(json.dumps({"changes": result["changes"]}, indent=2))
         print(f"win rate of {args.model} over {args.against}: {result['win_rate']}")
     return 0
 
@@ -198,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     toy_data.add_argument("--pairs-per-prompt", type=int, default=4, help="train pairs per prompt")
     toy_data.add_argument(
         "--renders-only", action="store_true", help="no samples from the toy base models"
+    )
+    toy_data.add_argument(
+        "--base-model",
+        action="append",
+        metavar="NAME=DIR",
+        help="sample this source from another pipeline folder, e.g. toy-sd=outputs/toy/sd/pipeline "
+        "(a retrained base); repeatable",
     )
     toy_data.add_argument(
         "--mix",

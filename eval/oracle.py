@@ -17,15 +17,35 @@ def oracle_compare(
     prompts: list[str], images_a: list[Image.Image], images_b: list[Image.Image], seed: int = 0
 ) -> dict:
     """Win rate of A over B by the oracle's attribute counts (ties 0.5), with a bootstrap 95%
-    interval (resampling prompts, so several seeds of one prompt count as one draw), and each
-    set's adherence. ``images_a[i]`` and ``images_b[i]`` answer ``prompts[i]``."""
+    interval (resampling prompts, so several seeds of one prompt count as one draw), each set's
+    adherence, and per attribute how many images A gets right where B got it wrong ("fixed") and
+    the reverse ("broken"). ``images_a[i]`` and ``images_b[i]`` answer ``prompts[i]``."""
     if not len(prompts) == len(images_a) == len(images_b):
         raise ValueError(f"{len(prompts)} prompts, {len(images_a)} and {len(images_b)} images")
     verdicts_a = [judge(p, image) for p, image in zip(prompts, images_a)]
     verdicts_b = [judge(p, image) for p, image in zip(prompts, images_b)]
     rate = win_rate([v.score for v in verdicts_a], [v.score for v in verdicts_b], seed=seed,
                     groups=prompts)  # fmt: skip
-    return {"win_rate": rate, "a": adherence(verdicts_a), "b": adherence(verdicts_b)}
+    return {
+        "win_rate": rate,
+        "a": adherence(verdicts_a),
+        "b": adherence(verdicts_b),
+        "changes": attribute_changes(verdicts_a, verdicts_b),
+    }
+
+
+def attribute_changes(verdicts_a, verdicts_b) -> dict[str, dict[str, int]]:
+    """Per attribute, on the same prompts and seeds: ``fixed`` counts images A gets right and B
+    wrong, ``broken`` the reverse. The win rate only sees the net; a fine-tune that fixes 70
+    backgrounds and breaks 40 shows up here."""
+    changes = {}
+    for name in ATTRIBUTE_NAMES:
+        pairs = [(a.satisfied[name], b.satisfied[name]) for a, b in zip(verdicts_a, verdicts_b)]
+        changes[name] = {
+            "fixed": sum(a and not b for a, b in pairs),
+            "broken": sum(b and not a for a, b in pairs),
+        }
+    return changes
 
 
 def oracle_accuracy(renders: int = 1000, seed: int = 0, transform=None) -> dict:
@@ -111,6 +131,7 @@ def aligned_vs_base(
             "win_rate": result["win_rate"].as_dict(),
             "aligned": result["a"],
             "base": result["b"],
+            "changes": result["changes"],
             "prompts": len(held_out),
             "split": split,
             "seeds_per_prompt": seeds_per_prompt,
@@ -140,7 +161,8 @@ def judge_toy_run(config, final: str | Path) -> dict | None:
     line = (f"- toy world: oracle win rate over the base {rate['estimate']:.3f} "
             f"[95% CI {rate['low']:.3f}, {rate['high']:.3f}] on {report['prompts']} held-out {report['split']} prompts"
             f" x {report['seeds_per_prompt']} seeds; all attributes right "
-            f"{report['base']['all_correct']:.3f} -> {report['aligned']['all_correct']:.3f}")  # fmt: skip
+            f"{report['base']['all_correct']:.3f} -> {report['aligned']['all_correct']:.3f}; fixed / broken "
+            + ", ".join(f"{k} {v['fixed']} / {v['broken']}" for k, v in report["changes"].items()))  # fmt: skip
     card = final / "README.md"
     if card.exists():
         card.write_text(card.read_text() + line + "\n")

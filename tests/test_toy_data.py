@@ -96,3 +96,22 @@ def test_a_source_mix_uses_only_its_sources(tmp_path):
     assert used == set(mix)
     with pytest.raises(ValueError, match="unknown: \\['toy-sd'\\]"):
         generate_toy_dataset(tmp_path / "x", prompts=1, base_models={}, mix={"toy-sd": 1.0})
+
+
+def test_base_models_can_be_swapped_for_a_retrained_one(tmp_path):
+    from align.toy_data import with_base_models
+    from eval.cli import main as cli
+    from tests.conftest import REPO
+
+    retrained = REPO / "align" / "assets" / "toy" / "sdxl"  # any pipeline folder will do
+    models = with_base_models({"toy-sd": retrained})
+    assert models["toy-sd"] == retrained and models["toy-sdxl"] == shipped_toy_models()["toy-sdxl"]
+    with pytest.raises(ValueError, match="no model_index.json"):
+        with_base_models({"toy-sd": tmp_path})
+    with pytest.raises(ValueError, match="taken by a render source"):
+        with_base_models({"render": retrained})
+    with pytest.raises(SystemExit, match=f"--base-model: base model 'toy-sd': {tmp_path}"):
+        cli(["toy", "data", "--out", str(tmp_path / "out"), "--base-model", f"toy-sd={tmp_path}"])
+    with pytest.raises(SystemExit, match="expected name=value"):
+        cli(["toy", "data", "--out", str(tmp_path / "out"), "--base-model", "toy-sd"])
+    assert not (tmp_path / "out").exists()  # refused before writing anything

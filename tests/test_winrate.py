@@ -71,3 +71,58 @@ def test_judging_several_folders_matches_judging_each_alone(tmp_path):
     assert together == alone
     assert together[0]["aligned"] != together[1]["aligned"]  # the two LoRAs draw differently
     assert together[1]["aligned_folder"] == str(folders[1])
+
+
+def test_compare_counts_fixed_and_broken_attributes():
+    """The win rate nets fixes against breakages; the per-attribute counts keep both."""
+    from eval.oracle import oracle_compare
+    from reward.toyworld import Attributes, render
+
+    rng = np.random.default_rng(4)
+    right = Attributes("red", "circle", "blue")
+    wrong_shape = Attributes("red", "square", "blue")
+    wrong_background = Attributes("red", "circle", "green")
+    # A fixes the shape on three images and breaks the background on two; one image is a tie.
+    shown_a = [right] * 3 + [wrong_background] * 2 + [right]
+    shown_b = [wrong_shape] * 3 + [right] * 2 + [right]
+    result = oracle_compare(
+        [right.prompt] * 6, [render(a, rng) for a in shown_a], [render(b, rng) for b in shown_b]
+    )
+    assert result["changes"] == {
+        "colour": {"fixed": 0, "broken": 0},
+        "shape": {"fixed": 3, "broken": 0},
+        "background": {"fixed": 0, "broken": 2},
+    }
+    rate = result["win_rate"]
+    assert (rate.wins, rate.ties, rate.losses) == (3, 1, 2)
+
+
+def test_toy_run_judging_writes_metrics_and_card(tmp_path, capsys):
+    """After a toy run the report lands in metrics.json and a line in the model card; a LoRA
+    that changes nothing (zero-initialised B) ties with its base everywhere."""
+    import json
+    from types import SimpleNamespace
+
+    from diffusers import DiffusionPipeline
+
+    from align.lora import add_lora, save_lora
+    from eval.oracle import judge_toy_run
+    from tests.conftest import REPO
+
+    base = REPO / "align" / "assets" / "toy" / "sd"
+    unet = DiffusionPipeline.from_pretrained(base).unet
+    add_lora(unet, rank=4)
+    final = tmp_path / "final"
+    save_lora(unet, final)
+    (final / "README.md").write_text("# card\n")
+    (final / "metrics.json").write_text(json.dumps({"steps": 3}))
+    config = SimpleNamespace(model=str(base), toy_eval_prompts=3, toy_eval_seeds=1,
+                             sample_steps=5, guidance_scale=5.0, toy_eval_split="validation")  # fmt: skip
+    report = judge_toy_run(config, final)
+    metrics = json.loads((final / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["toy_eval"] == report
+    assert report["win_rate"]["ties"] == 3 and report["win_rate"]["estimate"] == 0.5
+    assert all(c == {"fixed": 0, "broken": 0} for c in report["changes"].values())
+    card = (final / "README.md").read_text()
+    assert "win rate over the base 0.500" in card and "fixed / broken colour 0 / 0" in card
+    assert "3 held-out validation prompts" in capsys.readouterr().out
