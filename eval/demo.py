@@ -72,6 +72,7 @@ def run_demo(out: Path, prompts: int = 200, grid_rows: int = 12) -> Path:
         "prompts": len(test),
         "adherence": {"toy-sdxl": result["a"], "toy-sd": result["b"]},
         "win_rate_sdxl_over_sd": result["win_rate"].as_dict(),
+        "changes_sdxl_over_sd": result["changes"],
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
