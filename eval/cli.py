@@ -56,7 +56,7 @@ def _build_models(args: argparse.Namespace) -> int:
 def _key_values(items: list[str], flag: str, cast=str) -> dict:
     """``["a=1", "b=2"]`` -> ``{"a": cast("1"), ...}``; a malformed item exits naming ``flag``."""
     try:
-        return {k: cast(v) for k, v in (item.split("=") for item in items)}
+        return {k: cast(v) for k, v in (item.split("=", 1) for item in items)}
     except ValueError:
         raise SystemExit(f"{flag}: expected name=value, got {items!r}") from None
 
