@@ -37,7 +37,11 @@ SOURCE_WEIGHTS = {"render": 0.2, "render-wrong-1": 0.2, "render-wrong-2": 0.1, "
 def shipped_toy_models() -> dict[str, Path]:
     """The toy base pipelines that ship with pickalign: {"toy-sd": folder, "toy-sdxl": folder}."""
     found = {f"toy-{name}": TOY_MODELS / name for name in ("sd", "sdxl")}
-    return {name: path for name, path in found.items() if (path / "model_index.json").exists()}
+    return {name: path for name, path in found.items() if _is_pipeline(path)}
+
+
+def _is_pipeline(folder: Path) -> bool:
+    return (folder / "model_index.json").exists()
 
 
 def with_base_models(overrides: dict[str, str | Path]) -> dict[str, Path]:
@@ -46,7 +50,7 @@ def with_base_models(overrides: dict[str, str | Path]) -> dict[str, Path]:
     models = shipped_toy_models()
     for name, folder in overrides.items():
         folder = Path(folder)
-        if not (folder / "model_index.json").exists():
+        if not _is_pipeline(folder):
             raise ValueError(f"base model {name!r}: {folder} is not a diffusers pipeline folder "
                              "(no model_index.json)")  # fmt: skip
         if name in RENDER_SOURCES or name == "base":

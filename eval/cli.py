@@ -64,8 +64,6 @@ def _key_values(items: list[str], flag: str, cast=str) -> dict:
 def _toy_data(args: argparse.Namespace) -> int:
     from align.toy_data import generate_toy_dataset, with_base_models
 
-    if args.renders_only and args.base_model:
-        raise SystemExit("--renders-only and --base-model exclude each other")
     base = {} if args.renders_only else None
     if args.base_model:
         try:
@@ -207,10 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     toy_data.add_argument("--seed", type=int, default=0)
     toy_data.add_argument("--prompts", type=int, default=None, help="train prompts (max 200)")
     toy_data.add_argument("--pairs-per-prompt", type=int, default=4, help="train pairs per prompt")
-    toy_data.add_argument(
+    sources = toy_data.add_mutually_exclusive_group()
+    sources.add_argument(
         "--renders-only", action="store_true", help="no samples from the toy base models"
     )
-    toy_data.add_argument(
+    sources.add_argument(
         "--base-model",
         action="append",
         metavar="NAME=DIR",
