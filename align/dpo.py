@@ -35,10 +35,11 @@ from align.lora import (
     skip_lora_input_casts,
 )
 from align.losses import diffusion_dpo_loss, per_sample_mse, prediction_target
-from align.models import Conditioning, load_parts, unet_forward
+from align.models import FAMILIES, Conditioning, load_parts, unet_forward
 from align.pairs import CachedPairs, PreferencePairs, build_cache, collate_pairs
 from reward.data import PairFilter, load_pickapic
 from reward.runtime import (
+    ConfigError,
     EpochSampler,
     RunConfig,
     append_log,
@@ -52,6 +53,7 @@ from reward.runtime import (
     seed_everything,
     write_config,
 )
+from reward.sources import require
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -65,11 +67,21 @@ class DPOConfig(RunConfig):
     vae: str | None = field(
         default=None, metadata={"help": "Another VAE, e.g. madebyollin/sdxl-vae-fp16-fix."}
     )
-    vae_dtype: str = field(default="fp32", metadata={"help": "VAE precision: fp32, bf16, fp16."})
+    vae_dtype: str = field(
+        default="fp32",
+        metadata={"choices": ("fp32", "bf16", "fp16"), "help": "VAE precision: fp32, bf16, fp16."},
+    )
     revision: str | None = field(default=None, metadata={"help": "Hub revision of the model."})
     variant: str | None = field(default=None, metadata={"help": "Weight variant, e.g. 'fp16'."})
     dataset: str = field(
         default="yuvalkirstain/pickapic_v2", metadata={"help": "Pick-a-Pic Hub id or local folder."}
+    )
+    dataset_build: str | None = field(
+        default=None,
+        metadata={
+            "help": "The command that builds a local dataset (the toy configs set it): a missing "
+            "dataset is then reported with it, never looked up on the Hub."
+        },
     )
     split: str = field(default="train", metadata={"help": "Dataset split to train on."})
     keep_ties: bool = field(
@@ -79,61 +91,81 @@ class DPOConfig(RunConfig):
         default=False, metadata={"help": "Skip and count bad rows instead of stopping."}
     )
     max_pairs: int | None = field(
-        default=None, metadata={"help": "Use only the first N usable pairs."}
+        default=None, metadata={"range": "> 0", "help": "Use only the first N usable pairs."}
     )
-    resolution: int = field(default=512, metadata={"help": "Training resolution (square)."})
+    resolution: int = field(
+        default=512, metadata={"range": "> 0", "help": "Training resolution (square)."}
+    )
     random_crop: bool = field(default=False, metadata={"help": "Random instead of centre crop."})
     random_flip: bool = field(default=False, metadata={"help": "Flip half the pairs."})
     caption_dropout: float = field(
-        default=0.0, metadata={"help": "Share of pairs trained with the empty prompt."}
+        default=0.0,
+        metadata={
+            "range": "[0, 1)",
+            "help": "Share of pairs trained unconditionally, with the embedding the pipeline's "
+            "guidance uses: zeros where it forces zeros for an empty prompt (SDXL), else ''.",
+        },
     )
     uncond_anchor: float = field(
         default=0.0,
         metadata={
-            "help": "With caption_dropout: the empty-prompt pairs keep the policy's prediction at "
-            "the reference's with this weight instead of training DPO (0: DPO, as the paper)."
+            "range": ">= 0",
+            "help": "With caption_dropout: the unconditional pairs keep the policy's prediction at "
+            "the reference's with this weight instead of training DPO (0: DPO, as the paper).",
         },
     )
     timestep_bias: float = field(
         default=1.0,
         metadata={
+            "range": "> 0",
             "help": "Exponent k of the timestep draw t = T * u^(1/k), u uniform: 1 is the paper's "
             "uniform draw; k > 1 trains noisier timesteps more (density grows as t^(k-1)), "
-            "where shape and layout are decided (a pickalign option)."
+            "where shape and layout are decided (a pickalign option).",
         },
     )
-    loss: str = field(default="dpo", metadata={"help": "'dpo', or 'sft' (MSE on winners only)."})
-    beta: float = field(default=5000.0, metadata={"help": "Diffusion-DPO beta."})
+    loss: str = field(
+        default="dpo",
+        metadata={"choices": ("dpo", "sft"), "help": "'dpo', or 'sft' (MSE on winners only)."},
+    )
+    beta: float = field(default=5000.0, metadata={"range": "> 0", "help": "Diffusion-DPO beta."})
     train_guidance: float = field(
         default=1.0,
         metadata={
+            "range": ">= 1",
             "help": "Compare guided predictions in the DPO loss: u_ref + s * (c - u_ref) for policy "
-            "and reference, with u_ref the reference's prediction for the empty prompt, so the "
+            "and reference, with u_ref the reference's unconditional prediction, so the "
             "loss sees what sampling at guidance s sees. Costs one more reference forward per "
-            "step (1: off, the paper's conditional prediction; a pickalign option)."
+            "step (1: off, the paper's conditional prediction; a pickalign option).",
         },
     )
     winner_penalty: float = field(
         default=0.0,
         metadata={
+            "range": ">= 0",
             "help": "DPO-Positive lambda: the margin also loses lambda * max(0, mse_policy(winner) "
             "- mse_reference(winner)), so winners cannot get less likely than under the "
-            "reference (0: DPO, as the paper; a pickalign option)."
+            "reference (0: DPO, as the paper; a pickalign option).",
         },
     )
     ema_decay: float = field(
         default=0.0,
         metadata={
+            "range": "[0, 1)",
             "help": "Keep an exponential moving average of the trained weights (the LoRA, or the "
             "UNet in full mode) with this decay, e.g. 0.99, and validate, checkpoint-release and "
             "save it instead of the last weights (0: off). Its early steps average faster "
             "(decay (1+n)/(10+n) until that is higher). Holds a second copy of the trained "
-            "weights. Not with DeepSpeed ZeRO-3."
+            "weights. Not with DeepSpeed ZeRO-3.",
         },
     )
-    mode: str = field(default="lora", metadata={"help": "'lora' or 'full' UNet fine-tuning."})
-    lora_rank: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: rank)."})
+    mode: str = field(
+        default="lora",
+        metadata={"choices": ("lora", "full"), "help": "'lora' or 'full' UNet fine-tuning."},
+    )
+    lora_rank: int = field(default=8, metadata={"range": "> 0", "help": "LoRA rank."})
+    lora_alpha: float | None = field(
+        default=None, metadata={"range": "> 0", "help": "LoRA alpha (default: rank)."}
+    )
     lora_targets: list[str] = field(
         default_factory=lambda: list(DEFAULT_TARGETS),
         metadata={"help": "UNet module names that get LoRA adapters."},
@@ -142,24 +174,48 @@ class DPOConfig(RunConfig):
         default=False,
         metadata={"help": "Full mode: keep the reference UNet on the CPU between uses."},
     )
-    batch_size: int = field(default=1, metadata={"help": "Pairs per process per micro-batch."})
+    batch_size: int = field(
+        default=1, metadata={"range": "> 0", "help": "Pairs per process per micro-batch."}
+    )
     pairs_per_step: int | None = field(
         default=None,
-        metadata={"help": "Pairs per optimizer step over all processes; sets the accumulation."},
+        metadata={
+            "range": "> 0",
+            "help": "Pairs per optimizer step over all processes; sets the accumulation.",
+        },
     )
-    learning_rate: float = field(default=1e-8, metadata={"help": "Learning rate."})
+    learning_rate: float = field(default=1e-8, metadata={"range": "> 0", "help": "Learning rate."})
     scale_lr: bool = field(
         default=False, metadata={"help": "Multiply the learning rate by the pairs per step."}
     )
     lr_scheduler: str = field(
-        default="constant_with_warmup", metadata={"help": "A diffusers scheduler name."}
+        default="constant_with_warmup",
+        metadata={
+            "choices": (
+                "linear",
+                "cosine",
+                "cosine_with_restarts",
+                "polynomial",
+                "constant",
+                "constant_with_warmup",
+            ),
+            "help": "A diffusers scheduler name.",
+        },
     )
-    warmup_steps: int = field(default=500, metadata={"help": "Learning-rate warmup steps."})
+    warmup_steps: int = field(
+        default=500, metadata={"range": ">= 0", "help": "Learning-rate warmup steps."}
+    )
     optimizer: str = field(
-        default="adamw", metadata={"help": "'adamw', 'adamw_8bit' or 'adafactor'."}
+        default="adamw",
+        metadata={
+            "choices": ("adamw", "adamw_8bit", "adafactor"),
+            "help": "'adamw', 'adamw_8bit' or 'adafactor'.",
+        },
     )
-    weight_decay: float = field(default=1e-2, metadata={"help": "Weight decay."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    weight_decay: float = field(default=1e-2, metadata={"range": ">= 0", "help": "Weight decay."})
+    max_grad_norm: float = field(
+        default=1.0, metadata={"range": "> 0", "help": "Gradient clipping norm."}
+    )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Trade compute for memory."}
     )
@@ -167,8 +223,12 @@ class DPOConfig(RunConfig):
         default=None,
         metadata={"help": "Precompute VAE latents and prompt embeddings here once (resumable)."},
     )
-    cache_shard_size: int = field(default=1024, metadata={"help": "Pairs per cache shard."})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    cache_shard_size: int = field(
+        default=1024, metadata={"range": "> 0", "help": "Pairs per cache shard."}
+    )
+    num_workers: int = field(
+        default=0, metadata={"range": ">= 0", "help": "DataLoader worker processes."}
+    )
     validation_split: str | None = field(
         default=None,
         metadata={
@@ -179,26 +239,47 @@ class DPOConfig(RunConfig):
         },
     )
     validation_steps: int = field(
-        default=0, metadata={"help": "Validate every N optimizer steps (0: only at the end)."}
+        default=0,
+        metadata={
+            "range": ">= 0",
+            "help": "Validate every N optimizer steps (0: only at the end).",
+        },
     )
     validation_pairs: int = field(
-        default=512, metadata={"help": "Validate on at most this many held-out pairs."}
+        default=512,
+        metadata={"range": "> 0", "help": "Validate on at most this many held-out pairs."},
     )
     toy_eval_prompts: int = field(
         default=0,
         metadata={
-            "help": "Toy world: judge aligned vs base on this many held-out prompts at the end."
+            "range": ">= 0",
+            "help": "Toy world: judge aligned vs base on this many held-out prompts at the end.",
         },
     )
-    toy_eval_seeds: int = field(default=1, metadata={"help": "Toy world: seeds per prompt."})
+    toy_eval_seeds: int = field(
+        default=1, metadata={"range": "> 0", "help": "Toy world: seeds per prompt."}
+    )
     toy_eval_split: str = field(
         default="test",
         metadata={
-            "help": "Toy world: judge on 'test' prompts, or 'validation' to choose settings."
+            "choices": ("test", "validation"),
+            "help": "Toy world: judge on 'test' prompts, or 'validation' to choose settings.",
         },
     )
-    sample_steps: int = field(default=20, metadata={"help": "Sampling steps of the evaluation."})
-    guidance_scale: float = field(default=5.0, metadata={"help": "Guidance of the evaluation."})
+    sample_steps: int = field(
+        default=20, metadata={"range": "> 0", "help": "Sampling steps of the evaluation."}
+    )
+    guidance_scale: float = field(
+        default=5.0, metadata={"range": ">= 1", "help": "Guidance of the evaluation."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.train_guidance != 1 and self.loss != "dpo":
+            raise ConfigError(
+                f"train_guidance: got {self.train_guidance}, but it applies to loss dpo only "
+                f"(loss is {self.loss!r}); leave it at 1"
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,15 +305,15 @@ def pair_step(unet, reference, scheduler, latents, cond: Conditioning, time_ids,
     ``reference(noisy, t, cond, time_ids)`` gives the reference prediction. Winner and loser
     share noise and timestep, drawn from ``generator`` (a CPU generator) when given.
 
-    ``anchor`` (B,) bool, optional: pairs (those given the empty prompt) that instead keep the
+    ``anchor`` (B,) bool, optional: pairs (those given the unconditional embedding) that instead keep the
     policy's prediction at the reference's, weighted by ``anchor_weight``, so the unconditional
     branch that classifier-free guidance subtracts does not drift. Returns the loss and the
     logged figures. ``timestep_bias`` k draws t = T * u^(1/k) (1: uniform, as the paper);
     ``winner_penalty`` is DPO-Positive's lambda (``align.losses.diffusion_dpo_loss``).
 
-    ``guidance`` s > 1 with ``uncond`` (the empty prompt's ``Conditioning``, batch 1): the DPO
+    ``guidance`` s > 1 with ``uncond`` (the unconditional ``Conditioning``, batch 1): the DPO
     terms compare the guided predictions ``u_ref + s * (c - u_ref)`` of policy and reference,
-    where ``u_ref`` is the reference's empty-prompt prediction (one more no-grad forward). The
+    where ``u_ref`` is the reference's unconditional prediction (one more no-grad forward). The
     anchor still compares the plain predictions.
     """
     b, device = latents.shape[0], latents.device
@@ -377,7 +458,9 @@ def make_dataset(config: DPOConfig, parts, accelerator, held_out: str | None = N
         build_cache(parts, pairs, cache_dir, config.cache_shard_size,
                     describe=describe, progress=accelerator.is_local_main_process)  # fmt: skip
     accelerator.wait_for_everyone()
-    return CachedPairs(cache_dir)
+    cache = CachedPairs(cache_dir)
+    cache.report = pairs.report.with_bad_rows(cache.bad_rows)
+    return cache
 
 
 @torch.no_grad()
@@ -397,7 +480,7 @@ def validate(unet, reference, noise_scheduler, dataset, parts, *, config: DPOCon
     for k, start in enumerate(range(0, len(dataset), config.batch_size)):
         end = min(start + config.batch_size, len(dataset))
         batch = collate_pairs([dataset[i] for i in range(start, end)])
-        if batch is None:
+        if "prompt" not in batch:  # only bad rows
             continue
         latents, cond, time_ids = batch_inputs(batch, parts, cached, device)
         generator = torch.Generator().manual_seed(hash((config.seed, -1, k)) % 2**63)
@@ -415,23 +498,9 @@ def validate(unet, reference, noise_scheduler, dataset, parts, *, config: DPOCon
     return {**{f"val/{key}": total / count for key, total in sums.items()}, "val/pairs": count}
 
 
-def check_config(config: DPOConfig, family: str) -> None:
-    choices = {"mode": ("lora", "full"), "loss": ("dpo", "sft"), "vae_dtype": tuple(DTYPES)}
-    for name, allowed in choices.items():
-        if getattr(config, name) not in allowed:
-            raise ValueError(f"{name} must be one of {allowed}, got {getattr(config, name)!r}")
-    if not 0 <= config.caption_dropout < 1:
-        raise ValueError(f"caption_dropout must be in [0, 1), got {config.caption_dropout}")
-    if config.train_guidance < 1:
-        raise ValueError(f"train_guidance must be at least 1 (1: off), got {config.train_guidance}")
-    if config.train_guidance != 1 and config.loss != "dpo":
-        raise ValueError("train_guidance applies to the DPO loss only (loss: dpo)")
-    if config.timestep_bias <= 0:
-        raise ValueError(f"timestep_bias must be positive, got {config.timestep_bias}")
-    if not 0 <= config.ema_decay < 1:
-        raise ValueError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
-    if family not in ("sd", "sdxl"):
-        raise ValueError(f"family must be 'sd' or 'sdxl', got {family!r}")
+def check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -442,7 +511,9 @@ def train(config: DPOConfig, family: str) -> Path:
     """Train; write ``<output_dir>/final`` (LoRA or UNet, model card, metrics). Returns it."""
     from diffusers.optimization import get_scheduler
 
-    check_config(config, family)
+    check_family(family)
+    require(config.model, "pipeline", "model")
+    require(config.dataset, "dataset", "dataset", config.dataset_build)
     started = time.time()
     resolve_accumulation(config)
     accelerator = make_accelerator(
@@ -478,6 +549,7 @@ def train(config: DPOConfig, family: str) -> Path:
     unet.train()
 
     dataset = make_dataset(config, parts, accelerator)
+    accelerator.print(f"training data: {dataset.report.one_line()}")
     held_out = (
         make_dataset(config, parts, accelerator, config.validation_split)
         if config.validation_split
@@ -485,12 +557,12 @@ def train(config: DPOConfig, family: str) -> Path:
     )
     cached = isinstance(dataset, CachedPairs)
     if cached:
-        empty = {k: v.to(accelerator.device) for k, v in dataset.empty_prompt().items()}
-        empty = Conditioning(empty["context"], empty.get("pooled"))
+        uncond = {k: v.to(accelerator.device) for k, v in dataset.unconditional().items()}
+        uncond = Conditioning(uncond["context"], uncond.get("pooled"))
         del parts.vae, parts.text_encoders  # a cached step touches only the UNet
     else:
         parts.to(accelerator.device, text_dtype=weight_dtype)
-        empty = parts.encode_prompts([""])
+        uncond = parts.unconditional()
     if len(dataset) < config.batch_size:
         raise ValueError(
             f"{len(dataset)} usable pairs is less than one batch of {config.batch_size}"
@@ -529,7 +601,7 @@ def train(config: DPOConfig, family: str) -> Path:
         )
     noise_scheduler = parts.noise_scheduler
     bar = progress_bar(accelerator, config.max_steps, step, desc=f"dpo {family}")
-    skipped, logs, micro, validation = 0, {}, 0, None
+    skipped, logs, micro, validation, bad_rows = 0, {}, 0, None, {}
     while step < config.max_steps:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch)
@@ -537,7 +609,8 @@ def train(config: DPOConfig, family: str) -> Path:
             loader, done_in_epoch * config.gradient_accumulation_steps
         )
         for batch in batches:
-            if batch is None:
+            bad_rows.update(batch.pop("bad_rows"))
+            if "prompt" not in batch:  # every row of it was bad
                 skipped += 1
                 continue
             latents, cond, time_ids = batch_inputs(batch, parts, cached, accelerator.device)
@@ -546,7 +619,7 @@ def train(config: DPOConfig, family: str) -> Path:
                 hash((config.seed, step, micro, accelerator.process_index)) % 2**63
             )
             micro = (micro + 1) % config.gradient_accumulation_steps
-            cond, dropped = drop_captions(cond, empty, config.caption_dropout, generator)
+            cond, dropped = drop_captions(cond, uncond, config.caption_dropout, generator)
             if family == "sd":
                 time_ids = None
             with accelerator.accumulate(unet):
@@ -556,7 +629,7 @@ def train(config: DPOConfig, family: str) -> Path:
                     generator=generator, anchor=dropped if config.uncond_anchor > 0 else None,
                     anchor_weight=config.uncond_anchor, timestep_bias=config.timestep_bias,
                     winner_penalty=config.winner_penalty, guidance=config.train_guidance,
-                    uncond=empty,
+                    uncond=uncond,
                 )  # fmt: skip
                 loss = figures["loss"]
                 check_finite(loss, step + 1)
@@ -587,7 +660,7 @@ def train(config: DPOConfig, family: str) -> Path:
                 with averaged_weights(ema, trainable):  # validate what would be released
                     validation = validate(unet, reference, noise_scheduler, held_out, parts,
                                           config=config, family=family, device=accelerator.device,
-                                          uncond=empty)  # fmt: skip
+                                          uncond=uncond)  # fmt: skip
                 accelerator.log(validation, step=step)
                 append_log(accelerator, out, step, validation)
                 if accelerator.is_main_process:
@@ -608,6 +681,7 @@ def train(config: DPOConfig, family: str) -> Path:
     metrics = {
         "steps": step, "train_minutes": round((time.time() - started) / 60, 2),
         "world_size": accelerator.num_processes, "skipped_batches": skipped,
+        "data": dataset.report.with_bad_rows(bad_rows).as_dict(),
         "distributed_type": accelerator.distributed_type.value,
         "final_loss": logs.get("train/loss"),
         "final_implicit_accuracy": logs.get("train/implicit_accuracy"),
@@ -647,17 +721,18 @@ def batch_inputs(batch, parts, cached: bool, device):
     return latents, parts.encode_prompts(batch["prompt"]), time_ids
 
 
-def drop_captions(cond: Conditioning, empty: Conditioning, rate: float, generator=None):
-    """Replace each pair's prompt by the empty prompt with probability ``rate``; returns the new
-    conditioning and the (B,) mask of replaced pairs."""
+def drop_captions(cond: Conditioning, uncond: Conditioning, rate: float, generator=None):
+    """Replace each pair's prompt by the unconditional embedding ``uncond`` (batch 1, from
+    ``DiffusionParts.unconditional``) with probability ``rate``; returns the new conditioning and
+    the (B,) mask of replaced pairs."""
     drop = torch.rand(len(cond.context), generator=generator) < rate
     if rate <= 0:
         return cond, drop
     drop = drop.to(cond.context.device)
-    context = torch.where(drop[:, None, None], empty.context.to(cond.context.dtype), cond.context)
+    context = torch.where(drop[:, None, None], uncond.context.to(cond.context.dtype), cond.context)
     pooled = cond.pooled
     if pooled is not None:
-        pooled = torch.where(drop[:, None], empty.pooled.to(pooled.dtype), pooled)
+        pooled = torch.where(drop[:, None], uncond.pooled.to(pooled.dtype), pooled)
     return Conditioning(context, pooled), drop
 
 

@@ -42,6 +42,7 @@ class DiffusionParts:
     noise_scheduler: object
     tokenizers: list = field(default_factory=list)
     text_encoders: list = field(default_factory=list)
+    zeros_for_empty: bool = False  # see ``zeros_for_empty_prompt``
 
     def to(self, device, text_dtype=None) -> DiffusionParts:
         """Move the frozen VAE and text encoders (the VAE keeps its dtype)."""
@@ -56,6 +57,11 @@ class DiffusionParts:
             return Conditioning(encode_sd(self.tokenizers[0], self.text_encoders[0], prompts))
         return Conditioning(*encode_sdxl(self.tokenizers, self.text_encoders, prompts))
 
+    def unconditional(self) -> Conditioning:
+        """The unconditional branch of the pipeline's guidance, batch 1: what caption dropout,
+        anchors and guided predictions train with (see ``unconditional``)."""
+        return unconditional(self.encode_prompts([""]), self.zeros_for_empty)
+
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, sample: bool = False, generator=None):
         """(B, 3, H, W) in [-1, 1] -> scaled latents (posterior mean, or a sample)."""
@@ -64,6 +70,40 @@ class DiffusionParts:
         latents = posterior.sample(generator) if sample else posterior.mean
         shift = vae.config.get("shift_factor") or 0.0
         return (latents - shift) * vae.config.scaling_factor
+
+
+def zeros_for_empty_prompt(pipeline_config) -> bool:
+    """Whether a pipeline samples the unconditional branch of classifier-free guidance from zeroed
+    embeddings (context and pooled) instead of the encoded empty prompt.
+
+    ``pipeline_config`` is the pipeline's own config (``model_index.json``, or ``pipe.config``).
+    SDXL pipelines set ``force_zeros_for_empty_prompt`` (true for SDXL, which dropped captions to
+    zeros in training); where the key is absent, the pipeline class's default decides, as it does
+    when diffusers loads the pipeline. SD 1.x/2.x pipelines always encode "".
+    """
+    import inspect
+
+    import diffusers
+
+    if "force_zeros_for_empty_prompt" in pipeline_config:
+        return bool(pipeline_config["force_zeros_for_empty_prompt"])
+    pipeline_class = getattr(diffusers, str(pipeline_config.get("_class_name")), None)
+    if pipeline_class is None:
+        return False
+    default = inspect.signature(pipeline_class.__init__).parameters.get(
+        "force_zeros_for_empty_prompt"
+    )
+    return bool(default.default) if default is not None else False
+
+
+def unconditional(empty: Conditioning, zeros: bool) -> Conditioning:
+    """The one rule for the unconditional embedding in training: zeros shaped like the empty
+    prompt's embeddings ``empty`` where the pipeline forces zeros (``zeros_for_empty_prompt``),
+    else ``empty`` itself. Training it any other way trains a branch the pipeline never samples."""
+    if not zeros:
+        return empty
+    pooled = None if empty.pooled is None else torch.zeros_like(empty.pooled)
+    return Conditioning(torch.zeros_like(empty.context), pooled)
 
 
 def detect_family(model: str, revision: str | None = None) -> str:
@@ -118,7 +158,19 @@ def load_parts(
         )
     for part in (vae_model, *encoders):
         part.requires_grad_(False).eval()
-    return DiffusionParts(found, unet, vae_model, scheduler, tokenizers, encoders)
+    zeros = zeros_for_empty_prompt(_pipeline_config(model, revision, found))
+    return DiffusionParts(found, unet, vae_model, scheduler, tokenizers, encoders, zeros)
+
+
+def _pipeline_config(model: str, revision: str | None, family: str) -> dict:
+    """``model_index.json`` of ``model``; a folder of bare parts counts as the family's pipeline."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.load_config(model, revision=revision)
+    except OSError:
+        name = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
+        return {"_class_name": name}
 
 
 def _load_vae(name: str, revision: str | None, dtype: torch.dtype):

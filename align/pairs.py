@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from reward.data import PairFilter, decode_row, usable_rows
+from reward.data import BadRowError, DataReport, PairFilter, decode_row, split_bad, usable_rows
 
 
 @dataclass
@@ -83,7 +83,8 @@ class PreferencePairs(torch.utils.data.Dataset):
         self.rows, self.resolution, self.skip_bad = rows, resolution, skip_bad
         self.filters = filters or PairFilter(keep_ties=False)
         self.random_crop, self.random_flip, self.seed = random_crop, random_flip, seed
-        self.index = usable_rows(rows, self.filters)
+        self.report = DataReport()  # rows read, dropped by filter, bad labels (under skip)
+        self.index = usable_rows(rows, self.filters, skip_bad, self.report)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -91,8 +92,8 @@ class PreferencePairs(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         row_index = int(self.index[i])
         pair = decode_row(self.rows, row_index, self.filters, self.skip_bad)
-        if pair is None:
-            return None
+        if isinstance(pair, BadRowError):  # skipped: the collate hands it on to be counted
+            return pair
         crop = choose_crop(np.random.default_rng([self.seed, row_index]), self.random_crop,
                            self.random_flip)  # fmt: skip
         prepared = [prepare_image(im, self.resolution, crop) for im in orient(pair)]
@@ -105,10 +106,12 @@ class PreferencePairs(torch.utils.data.Dataset):
 
 
 def collate_pairs(items):
-    items = [item for item in items if item is not None]
+    """Stack items; ``bad_rows`` ({row: reason}) holds the skipped ones, and is all a batch of
+    only bad rows holds."""
+    items, bad = split_bad(items)
     if not items:
-        return None
-    batch = {"prompt": [item["prompt"] for item in items]}
+        return {"bad_rows": bad}
+    batch = {"prompt": [item["prompt"] for item in items], "bad_rows": bad}
     for key in ("pixels", "time_ids", "latents", "context", "pooled", "label"):
         if key in items[0]:
             batch["labels" if key == "label" else key] = torch.stack([item[key] for item in items])
@@ -119,6 +122,7 @@ def collate_pairs(items):
 # Precompute cache
 
 INDEX_FILE = "cache.json"
+UNCONDITIONAL_FILE = "unconditional.safetensors"  # the caption-dropout embedding
 
 
 def _shard_path(folder: Path, kind: str, number: int) -> Path:
@@ -146,8 +150,13 @@ def build_cache(parts, dataset: PreferencePairs, folder: str | Path, shard_size:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     index_path = folder / INDEX_FILE
-    header = {"pairs_in_dataset": len(dataset), "shard_size": shard_size,
-              "family": parts.family, **(describe or {})}  # fmt: skip
+    header = {
+        "pairs_in_dataset": len(dataset),
+        "shard_size": shard_size,
+        "family": parts.family,
+        "unconditional": "zeros" if parts.zeros_for_empty else "empty prompt",
+        **(describe or {}),
+    }
     plan_path = folder / "plan.json"
     if plan_path.exists():
         planned = json.loads(plan_path.read_text())
@@ -160,7 +169,7 @@ def build_cache(parts, dataset: PreferencePairs, folder: str | Path, shard_size:
         plan_path.write_text(json.dumps(header, indent=2))
     shards = range(0, len(dataset), shard_size)
     prompts: dict[str, int] = {}
-    kept_per_shard = []
+    kept_per_shard, all_bad = [], {}  # bad rows skipped: {row: reason}
     bar = tqdm(total=len(dataset), desc="caching latents", disable=not progress)
     for number, start in enumerate(shards):
         path = _shard_path(folder, "pairs", number)
@@ -169,20 +178,22 @@ def build_cache(parts, dataset: PreferencePairs, folder: str | Path, shard_size:
             from safetensors import safe_open
 
             with safe_open(str(path), "pt") as f:
-                names = json.loads(f.metadata()["prompts"])
+                shard = json.loads(f.metadata()["shard"])
                 kept = f.get_slice("latents").get_shape()[0]
-            for name in names:
+            all_bad.update({int(row): reason for row, reason in shard["bad_rows"].items()})
+            for name in shard["prompts"]:
                 prompts.setdefault(name, len(prompts))
             kept_per_shard.append(kept)
             bar.update(len(items_range))
             continue
-        latents, time_ids, labels, shard_prompts = [], [], [], []
+        latents, time_ids, labels, shard_prompts, bad_rows = [], [], [], [], {}
         for chunk_start in range(items_range.start, items_range.stop, batch_size):
             chunk = [dataset[i] for i in range(chunk_start, min(chunk_start + batch_size,
                                                                 items_range.stop))]  # fmt: skip
             batch = collate_pairs(chunk)
             bar.update(len(chunk))
-            if batch is None:
+            bad_rows.update(batch["bad_rows"])
+            if "pixels" not in batch:
                 continue
             pixels = batch["pixels"]
             encoded = parts.encode_images(pixels.flatten(0, 1)).float().cpu()
@@ -198,27 +209,32 @@ def build_cache(parts, dataset: PreferencePairs, folder: str | Path, shard_size:
             "label": torch.cat(labels) if labels else torch.zeros(0),
             "prompt_id": torch.tensor([prompts[p] for p in shard_prompts], dtype=torch.int64),
         }
-        _save_shard(tensors, path, shard_prompts)
+        _save_shard(tensors, path, shard_prompts, bad_rows)
         kept_per_shard.append(len(shard_prompts))
+        all_bad.update(bad_rows)
     bar.close()
     _cache_prompts(parts, list(prompts), folder, shard_size, batch_size, dtype)
-    index = {**header, "pair_shards": kept_per_shard, "prompts": len(prompts)}
+    index = {**header, "pair_shards": kept_per_shard, "prompts": len(prompts),
+             "bad_rows": {str(row): reason for row, reason in sorted(all_bad.items())}}  # fmt: skip
     index_path.write_text(json.dumps(index, indent=2))
     return folder
 
 
-def _save_shard(tensors, path: Path, prompts: list[str]) -> None:
+def _save_shard(tensors, path: Path, prompts: list[str], bad_rows: dict[int, str]) -> None:
     from safetensors.torch import save_file
 
     tmp = path.with_name(f".{path.name}.partial")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={"prompts": json.dumps(list(dict.fromkeys(prompts)))})  # fmt: skip
+    # One metadata entry: safetensors writes several in no fixed order, and a resumed build must
+    # write the same bytes.
+    shard = {"prompts": list(dict.fromkeys(prompts)), "bad_rows": bad_rows}
+    metadata = {"shard": json.dumps(shard)}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
 
 
 def _cache_prompts(parts, prompts: list[str], folder: Path, shard_size, batch_size, dtype) -> None:
-    """Prompt embeddings in prompt-id order, ``shard_size`` per file, plus the empty prompt's
-    (caption dropout) as ``empty.safetensors``."""
+    """Prompt embeddings in prompt-id order, ``shard_size`` per file, plus the pipeline's
+    unconditional embedding (caption dropout) as ``unconditional.safetensors``."""
     # Prompt ids are first-seen order across pair shards; each shard records its prompts in that
     # order, so a resumed build assigns the same ids.
     for number, start in enumerate(range(0, len(prompts), shard_size)):
@@ -236,11 +252,11 @@ def _cache_prompts(parts, prompts: list[str], folder: Path, shard_size, batch_si
         if pooled:
             tensors["pooled"] = torch.cat(pooled)
         _save_atomic(tensors, path)
-    empty = parts.encode_prompts([""])
-    tensors = {"context": empty.context.float().cpu().to(dtype)}
-    if empty.pooled is not None:
-        tensors["pooled"] = empty.pooled.float().cpu().to(dtype)
-    _save_atomic(tensors, folder / "empty.safetensors")
+    uncond = parts.unconditional()
+    tensors = {"context": uncond.context.float().cpu().to(dtype)}
+    if uncond.pooled is not None:
+        tensors["pooled"] = uncond.pooled.float().cpu().to(dtype)
+    _save_atomic(tensors, folder / UNCONDITIONAL_FILE)
 
 
 class CachedPairs(torch.utils.data.Dataset):
@@ -259,6 +275,8 @@ class CachedPairs(torch.utils.data.Dataset):
         counts = self.info["pair_shards"]
         self.offsets = np.cumsum([0] + counts)
         self.shard_size = self.info["shard_size"]
+        # Rows the build skipped as bad ({row: reason}); a cache holds only good pairs.
+        self.bad_rows = {int(row): reason for row, reason in self.info.get("bad_rows", {}).items()}
         self._open: dict[Path, object] = {}
 
     def __len__(self) -> int:
@@ -289,11 +307,12 @@ class CachedPairs(torch.utils.data.Dataset):
             item["pooled"] = text.get_slice("pooled")[text_row : text_row + 1][0].float()
         return item
 
-    def empty_prompt(self):
-        """The empty prompt's embeddings, in fp32 like every item."""
+    def unconditional(self):
+        """The pipeline's unconditional embedding (``DiffusionParts.unconditional``), in fp32
+        like every item."""
         from safetensors.torch import load_file
 
-        return {k: v.float() for k, v in load_file(self.folder / "empty.safetensors").items()}
+        return {k: v.float() for k, v in load_file(self.folder / UNCONDITIONAL_FILE).items()}
 
     def __getstate__(self):  # DataLoader workers open their own handles
         return {**self.__dict__, "_open": {}}

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from align.models import Conditioning, unconditional, zeros_for_empty_prompt
 from align.sampling import generate
 from align.text import sd_context, sdxl_context, sdxl_time_ids, tokenize
 from reward.runtime import (
@@ -43,55 +44,85 @@ from reward.runtime import (
 from reward.toyworld import IMAGE_SIZE, all_attributes, prompt_splits, render
 
 LATENT_SIZE = IMAGE_SIZE // 4
+VALIDATION_FILE = "pretraining_validation.json"  # in the saved pipeline folder
 
 
 @dataclass
 class PretrainToyConfig(RunConfig):
-    family: str = field(default="sd", metadata={"help": "'sd' (SD 1.x-style) or 'sdxl'."})
+    family: str = field(
+        default="sd", metadata={"choices": ("sd", "sdxl"), "help": "'sd' (SD 1.x-style) or 'sdxl'."}
+    )
     vae_from: str | None = field(
         default=None, metadata={"help": "A trained toy VAE folder to reuse (skips stage 1)."}
     )
-    vae_steps: int = field(default=1000, metadata={"help": "VAE optimizer steps."})
-    vae_batch_size: int = field(default=32, metadata={"help": "VAE images per step."})
-    vae_learning_rate: float = field(default=1e-3, metadata={"help": "VAE AdamW learning rate."})
-    vae_kl_weight: float = field(default=1e-6, metadata={"help": "KL weight: near-deterministic."})
-    vae_pool: int = field(default=6000, metadata={"help": "Renders the VAE trains on."})
-    renders_per_prompt: int = field(
-        default=48, metadata={"help": "Renders per train prompt cached as UNet latents."}
+    vae_steps: int = field(default=1000, metadata={"range": "> 0", "help": "VAE optimizer steps."})
+    vae_batch_size: int = field(
+        default=32, metadata={"range": "> 0", "help": "VAE images per step."}
     )
-    batch_size: int = field(default=64, metadata={"help": "UNet latents per step."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "UNet AdamW peak learning rate."})
-    warmup_steps: int = field(default=100, metadata={"help": "Linear warmup, then cosine decay."})
+    vae_learning_rate: float = field(
+        default=1e-3, metadata={"range": "> 0", "help": "VAE AdamW learning rate."}
+    )
+    vae_kl_weight: float = field(
+        default=1e-6, metadata={"range": ">= 0", "help": "KL weight: near-deterministic."}
+    )
+    vae_pool: int = field(
+        default=6000, metadata={"range": "> 0", "help": "Renders the VAE trains on."}
+    )
+    renders_per_prompt: int = field(
+        default=48,
+        metadata={"range": "> 0", "help": "Renders per train prompt cached as UNet latents."},
+    )
+    batch_size: int = field(default=64, metadata={"range": "> 0", "help": "UNet latents per step."})
+    learning_rate: float = field(
+        default=1e-3, metadata={"range": "> 0", "help": "UNet AdamW peak learning rate."}
+    )
+    warmup_steps: int = field(
+        default=100, metadata={"range": ">= 0", "help": "Linear warmup, then cosine decay."}
+    )
     train_text_encoder: bool = field(
         default=True,
         metadata={"help": "Train the text encoder(s) with the UNet (frozen during alignment)."},
     )
     caption_dropout: float = field(
-        default=0.1, metadata={"help": "Share of captions replaced by '' (for guidance)."}
+        default=0.1,
+        metadata={
+            "range": "[0, 1)",
+            "help": "Share of captions dropped for guidance: to zeros where the pipeline forces zeros for an empty prompt (SDXL), else to ''.",
+        },
     )
     unet_channels: list[int] = field(
         default_factory=lambda: [64, 128],
-        metadata={"help": "UNet block widths (one per resolution level)."},
+        metadata={"range": "> 0", "help": "UNet block widths (one per resolution level)."},
     )
     target_adherence: float = field(
         default=0.0,
         metadata={
+            "range": "[0, 1]",
             "help": "Stop once this share of validation prompts gets every attribute right "
-            "(0: train all max_steps). Builds a deliberately imperfect base."
+            "(0: train all max_steps). Builds a deliberately imperfect base.",
         },
     )
     adherence_check_steps: int = field(
-        default=50, metadata={"help": "Check validation adherence every N steps (after warmup)."}
+        default=50,
+        metadata={
+            "range": "> 0",
+            "help": "Check validation adherence every N steps (after warmup).",
+        },
     )
     save_fp16: bool = field(
         default=True,
         metadata={"help": "Store UNet and VAE weights in fp16 (half the size; load as fp32)."},
     )
-    eval_prompts: int = field(default=200, metadata={"help": "Held-out test prompts judged."})
-    eval_sampling_steps: int = field(
-        default=20, metadata={"help": "DDIM steps when sampling for the final eval."}
+    eval_prompts: int = field(
+        default=200, metadata={"range": "> 0", "help": "Held-out test prompts judged."}
     )
-    guidance_scale: float = field(default=5.0, metadata={"help": "CFG scale when sampling."})
+    eval_sampling_steps: int = field(
+        default=20,
+        metadata={"range": "> 0", "help": "DDIM steps when sampling for the final eval."},
+    )
+    guidance_scale: float = field(
+        default=5.0, metadata={"range": ">= 1", "help": "CFG scale when sampling."}
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,21 +197,36 @@ class ToyDenoiser(torch.nn.Module):
     """UNet plus text encoder(s) as one module, so the encoders can train with the UNet and a
     single ``accelerator.prepare`` covers both. ``forward`` predicts the noise from token ids."""
 
-    def __init__(self, family: str, unet, text: dict):
+    def __init__(self, family: str, unet, text: dict, zeros_for_empty: bool):
         super().__init__()
-        self.family, self.unet = family, unet
+        self.family, self.unet, self.zeros_for_empty = family, unet, zeros_for_empty
         self.text_encoders = torch.nn.ModuleList(
             [text["text_encoder"]] + ([text["text_encoder_2"]] if family == "sdxl" else [])
         )
         time_ids = sdxl_time_ids((IMAGE_SIZE, IMAGE_SIZE), (0, 0), (IMAGE_SIZE, IMAGE_SIZE))
         self.register_buffer("time_ids", time_ids, persistent=False)
 
-    def forward(self, noisy, timesteps, ids):  # (B, 4, 8, 8), (B,), (B, 77) -> (B, 4, 8, 8)
+    def conditioning(self, ids, dropped=None) -> Conditioning:
+        """Embeddings of token ids (B, 77); rows marked in ``dropped`` (B,) bool had their caption
+        dropped (their ids encode "") and get the pipeline's unconditional embedding."""
         if self.family == "sd":
-            return self.unet(noisy, timesteps, sd_context(self.text_encoders[0], ids)).sample
-        context, pooled = sdxl_context(self.text_encoders, [ids, ids])  # one shared tokenizer
-        added = {"text_embeds": pooled, "time_ids": self.time_ids.expand(len(noisy), 6)}
-        return self.unet(noisy, timesteps, context, added_cond_kwargs=added).sample
+            cond = Conditioning(sd_context(self.text_encoders[0], ids))
+        else:  # one shared tokenizer
+            cond = Conditioning(*sdxl_context(self.text_encoders, [ids, ids]))
+        if dropped is None:
+            return cond
+        uncond = unconditional(cond, self.zeros_for_empty)
+        context = torch.where(dropped[:, None, None], uncond.context, cond.context)
+        if cond.pooled is None:
+            return Conditioning(context)
+        return Conditioning(context, torch.where(dropped[:, None], uncond.pooled, cond.pooled))
+
+    def forward(self, noisy, timesteps, ids, dropped=None):  # (B, 4, 8, 8), (B,), (B, 77)
+        cond = self.conditioning(ids, dropped)
+        if self.family == "sd":
+            return self.unet(noisy, timesteps, cond.context).sample
+        added = {"text_embeds": cond.pooled, "time_ids": self.time_ids.expand(len(noisy), 6)}
+        return self.unet(noisy, timesteps, cond.context, added_cond_kwargs=added).sample
 
 
 def to_tensor(images) -> torch.Tensor:
@@ -290,8 +336,6 @@ def train(config: PretrainToyConfig) -> Path:
     """Both stages, then save the pipeline and judge it on held-out prompts. Returns the pipeline folder."""
     from diffusers import AutoencoderKL, DDPMScheduler
 
-    if config.family not in ("sd", "sdxl"):
-        raise ValueError(f"family must be 'sd' or 'sdxl', got {config.family!r}")
     out = Path(config.output_dir)
     started = time.time()
     vae_folder = Path(config.vae_from) if config.vae_from else train_vae(config, out / "vae")
@@ -309,9 +353,11 @@ def train(config: PretrainToyConfig) -> Path:
     token_ids = tokenize(text["tokenizer"], [a.prompt for a in train_prompts] + [""])  # (P+1, 77)
     prompt_index = torch.tensor(prompt_index)
     empty = len(train_prompts)  # index of the "" prompt, for caption dropout
+    # Dropped captions become what the saved pipeline samples its unconditional branch with.
+    zeros = zeros_for_empty_prompt(assemble_pipeline(config.family, None, None, text).config)
 
     torch.manual_seed(config.seed)
-    model = ToyDenoiser(config.family, toy_unet(config.family, config.unet_channels), text)
+    model = ToyDenoiser(config.family, toy_unet(config.family, config.unet_channels), text, zeros)
     model.requires_grad_(True)
     if not config.train_text_encoder:
         for encoder in model.text_encoders:
@@ -330,12 +376,15 @@ def train(config: PretrainToyConfig) -> Path:
     for step in range(start + 1, config.max_steps + 1):
         pick = torch.randint(len(latents), (config.batch_size,))
         which = prompt_index[pick]
-        which = torch.where(torch.rand(len(which)) < config.caption_dropout, empty, which)
+        dropped = torch.rand(len(which)) < config.caption_dropout
+        which = torch.where(dropped, empty, which)
         x0 = latents[pick]
         noise = torch.randn_like(x0)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(x0),))
         noisy = noise_scheduler.add_noise(x0, noise, t)
-        pred = model(noisy.to(device), t.to(device), token_ids[which].to(device))
+        pred = model(
+            noisy.to(device), t.to(device), token_ids[which].to(device), dropped.to(device)
+        )
         loss = F.mse_loss(pred.float(), noise.to(device))
         check_finite(loss, step)
         accelerator.backward(loss)
@@ -367,15 +416,25 @@ def train(config: PretrainToyConfig) -> Path:
     folder = out / "pipeline"
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(model)
+        validation = {
+            "prompts": "the 50 validation prompts, seed i for prompt i",
+            "steps": config.eval_sampling_steps,
+            "guidance_scale": config.guidance_scale,
+            "unconditional": "zeros" if zeros else "the encoded empty prompt",
+            "all_correct": validation_adherence(model, vae, text, config),
+        }
         pipe = assemble_pipeline(config.family, model.unet, vae, text)
         if config.save_fp16:  # diffusers upcasts them to fp32 again on from_pretrained
             pipe.unet.to(torch.float16)
             pipe.vae.to(torch.float16)
         with atomic_path(folder) as tmp:
             pipe.save_pretrained(tmp)
+            # What pretraining measured, sampling as trained: the stock pipeline must agree.
+            atomic_write_json(Path(tmp) / VALIDATION_FILE, validation)
         metrics = evaluate_base(
             folder, config.eval_prompts, config.eval_sampling_steps, config.guidance_scale
         )
+        metrics["validation_all_correct"] = validation["all_correct"]
         metrics["train_minutes"] = round(minutes, 1)
         metrics["steps"] = step
         atomic_write_json(out / "metrics.json", metrics)
@@ -386,15 +445,23 @@ def train(config: PretrainToyConfig) -> Path:
 
 @torch.no_grad()
 def validation_adherence(model: ToyDenoiser, vae, text: dict, config: PretrainToyConfig) -> float:
-    """Share of the 50 validation prompts (seed i for prompt i) with every attribute right."""
+    """Share of the 50 validation prompts (seed i for prompt i) with every attribute right,
+    sampled as trained: prompts and the unconditional branch embedded by ``model.conditioning``,
+    so this measures what training taught. ``tests/test_toy.py`` checks that the stock pipeline
+    samples the shipped bases the same way."""
     from reward.toyworld import adherence, judge
 
     model.eval()
     pipe = assemble_pipeline(config.family, model.unet, vae, text)
     prompts = prompt_splits()["validation"]
+    device = model.time_ids.device
+    cond = model.conditioning(tokenize(text["tokenizer"], [a.prompt for a in prompts]).to(device))
+    uncond = model.conditioning(
+        tokenize(text["tokenizer"], [""]).to(device), torch.ones(1, dtype=torch.bool, device=device)
+    )
     images = generate(
         pipe, [a.prompt for a in prompts], list(range(len(prompts))),
-        config.eval_sampling_steps, config.guidance_scale,
+        config.eval_sampling_steps, config.guidance_scale, conditioning=(cond, uncond),
     )  # fmt: skip
     model.train()
     return adherence([judge(a, image) for a, image in zip(prompts, images)])["all_correct"]

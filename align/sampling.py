@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
+from align.models import Conditioning
+
 
 def generate(
     pipe,
@@ -19,8 +21,11 @@ def generate(
     size: int | None = None,
     batch_size: int = 50,
     progress: bool = False,
+    conditioning: tuple[Conditioning, Conditioning] | None = None,
 ) -> list[Image.Image]:
-    """Images for ``prompts[i]`` from seed ``seeds[i]``."""
+    """Images for ``prompts[i]`` from seed ``seeds[i]``. ``conditioning``: embeddings to sample
+    with instead of the pipeline's own prompt encoding, (one row per prompt, the unconditional
+    branch as one row)."""
     from tqdm.auto import tqdm
 
     if len(prompts) != len(seeds):
@@ -31,8 +36,17 @@ def generate(
     for start in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc="sampling"):
         chunk = slice(start, start + batch_size)
         generators = [torch.Generator(pipe.device).manual_seed(s) for s in seeds[chunk]]
+        if conditioning is None:
+            inputs = {"prompt": prompts[chunk]}
+        else:
+            cond, uncond = conditioning[0].index(chunk), conditioning[1]
+            uncond = uncond.repeat(len(cond.context))
+            inputs = {"prompt_embeds": cond.context, "negative_prompt_embeds": uncond.context}
+            if cond.pooled is not None:
+                inputs["pooled_prompt_embeds"] = cond.pooled
+                inputs["negative_pooled_prompt_embeds"] = uncond.pooled
         images += pipe(
-            prompts[chunk],
+            **inputs,
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
             height=size,

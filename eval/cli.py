@@ -1,8 +1,15 @@
 """The ``pickalign`` command line.
 
 pickalign data inspect SOURCE [--split S] [--skip-bad]   count rows, pairs, ties, bad rows
+pickalign score --model M --prompt P IMAGE...             PickScore of images for one prompt
+pickalign reward-eval --model M --data D                  preference accuracy of a reward
+pickalign toy data --out DIR                              a toy dataset in the Pick-a-Pic schema
+pickalign toy eval PIPE [--against P | --aligned RUN]     oracle adherence and win rates
+pickalign toy oracle-check                                the oracle's accuracy on renders
 pickalign models build --out DIR                          save the tiny offline test models
 pickalign demo [--out DIR]                                the offline end-to-end demo
+
+Errors are one line and a non-zero exit; add --debug (or set PICKALIGN_DEBUG=1) for a traceback.
 """
 
 from __future__ import annotations
@@ -14,6 +21,9 @@ from pathlib import Path
 
 def _inspect(args: argparse.Namespace) -> int:
     from reward.data import BadRowError, PairFilter, inspect_split
+    from reward.sources import require
+
+    require(args.source, "dataset", "source")
 
     filters = PairFilter(
         require_label=not args.keep_unlabeled,
@@ -98,6 +108,10 @@ def _toy_eval(args: argparse.Namespace) -> int:
 
     from diffusers import DiffusionPipeline
 
+    from reward.sources import require
+
+    for name in [args.model] + ([args.against] if args.against else []):
+        require(name, "pipeline", "model")
     if args.aligned:
         from eval.oracle import aligned_vs_base
 
@@ -126,18 +140,18 @@ def _toy_eval(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from PIL import Image, UnidentifiedImageError
-
+    from reward.data import BadImageError, decode_image
     from reward.pickscore import PickScore
 
     images = []
     for path in args.images:
+        if not Path(path).is_file():
+            print(f"error: {path}: no such file", file=sys.stderr)
+            return 1
         try:
-            with Image.open(path) as image:
-                image.load()
-                images.append(image.copy())  # any mode: PickScore converts to RGB
-        except (OSError, UnidentifiedImageError) as error:
-            print(f"error: cannot read image {path}: {error}", file=sys.stderr)
+            images.append(decode_image(path))
+        except BadImageError as error:
+            print(f"error: {path}: {error}", file=sys.stderr)
             return 1
     scorer = PickScore.from_pretrained(args.model, args.processor)
     scores = scorer.score(args.prompt, images)
@@ -154,7 +168,9 @@ def _reward_eval(args: argparse.Namespace) -> int:
 
     from reward.evaluate import evaluate_reward
     from reward.pickscore import PickScore
+    from reward.sources import require
 
+    require(args.data, "dataset", "data")
     scorer = PickScore.from_pretrained(args.model, args.processor)
     report = evaluate_reward(scorer, args.data, "skip" if args.skip_bad else "error")
     print(json.dumps(report, indent=2))
@@ -264,8 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.run(args)
+    from reward.runtime import run_cli
+
+    def run(argv: list[str]) -> int:
+        args = build_parser().parse_args(argv)
+        return args.run(args)
+
+    return run_cli(run, argv)
 
 
 if __name__ == "__main__":

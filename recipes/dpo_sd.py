@@ -10,8 +10,11 @@ metrics.json (with the toy world's oracle win rate over the base when toy_eval_p
 is set). Resume with --resume_from_checkpoint latest. See align/dpo.py for every option.
 """
 
+import sys
+
 from align.dpo import main
 from eval.oracle import judge_toy_run
+from reward.runtime import run_cli
 
 if __name__ == "__main__":
-    judge_toy_run(*main("sd"))
+    sys.exit(run_cli(lambda argv: judge_toy_run(*main("sd", argv))))

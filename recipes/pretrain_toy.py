@@ -9,8 +9,10 @@ DiffusionPipeline.from_pretrained) and <output_dir>/metrics.json (oracle adheren
 held-out prompts). See align/pretrain_toy.py.
 """
 
+import sys
+
 from align.pretrain_toy import PretrainToyConfig, train
-from reward.runtime import parse_config
+from reward.runtime import parse_config, run_cli
 
 if __name__ == "__main__":
-    train(parse_config(PretrainToyConfig))
+    sys.exit(run_cli(lambda argv: train(parse_config(PretrainToyConfig, argv))))

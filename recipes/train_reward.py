@@ -9,8 +9,10 @@ with --resume_from_checkpoint latest. Writes <output_dir>/final (CLIPModel + CLI
 metrics.json, README.md). See reward/train.py.
 """
 
-from reward.runtime import parse_config
+import sys
+
+from reward.runtime import parse_config, run_cli
 from reward.train import RewardConfig, train
 
 if __name__ == "__main__":
-    train(parse_config(RewardConfig))
+    sys.exit(run_cli(lambda argv: train(parse_config(RewardConfig, argv))))

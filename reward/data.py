@@ -15,6 +15,10 @@ the same columns without image bytes (URLs only).
 from __future__ import annotations
 
 import io
+import os
+import re
+import struct
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -60,9 +64,17 @@ class BadRowError(ValueError):
     """A row that cannot become a pair. Carries the row index, the column and the reason."""
 
     def __init__(self, index: int, column: str, reason: str, detail: str = ""):
-        self.index, self.column, self.reason = index, column, reason
+        self.index, self.column, self.reason, self.detail = index, column, reason, detail
         message = f"bad row {index}, column '{column}': {reason}"
         super().__init__(f"{message} ({detail})" if detail else message)
+
+    def __reduce__(self):  # crosses from DataLoader workers intact
+        return type(self), (self.index, self.column, self.reason, self.detail)
+
+    @property
+    def key(self) -> str:
+        """How a skipped row is counted: ``"<reason> (<column>)"``."""
+        return f"{self.reason} ({self.column})"
 
 
 @dataclass
@@ -101,6 +113,28 @@ class DataReport:
     dropped: Counter = field(default_factory=Counter)  # "unlabeled", "not_different", "tie"
     bad: Counter = field(default_factory=Counter)  # "<reason> (<column>)"
 
+    def with_bad_rows(self, bad_rows: dict[int, str]) -> DataReport:
+        """This report plus rows found bad while training (``{row: reason}``, each row once)."""
+        bad = self.bad + Counter(bad_rows.values())
+        return DataReport(self.rows, self.pairs - len(bad_rows), self.ties, self.dropped, bad)
+
+    def as_dict(self) -> dict:
+        return {"rows": self.rows, "pairs": self.pairs, "ties": self.ties,
+                "dropped": dict(self.dropped), "bad": dict(self.bad)}  # fmt: skip
+
+    def one_line(self) -> str:
+        """``12 rows: 6 usable pairs (1 tie), dropped 2 (...), bad 4 (...)``."""
+
+        def counts(counter: Counter) -> str:
+            return ", ".join(f"{name} {count}" for name, count in sorted(counter.items()))
+
+        line = f"{self.rows} rows: {self.pairs} usable pairs ({self.ties} ties)"
+        if self.dropped:
+            line += f"; dropped {sum(self.dropped.values())} ({counts(self.dropped)})"
+        if self.bad:
+            line += f"; bad {sum(self.bad.values())} ({counts(self.bad)})"
+        return line
+
     def summary(self) -> str:
         lines = [
             f"rows read:        {self.rows}",
@@ -108,6 +142,8 @@ class DataReport:
             f"unlabeled rows:   {self.dropped['unlabeled']} (dropped)",
             f"identical images: {self.dropped['not_different']} (dropped)",
         ]
+        if self.dropped["empty_caption"]:
+            lines.append(f"empty captions:   {self.dropped['empty_caption']} (dropped)")
         if self.dropped["tie"]:
             lines.append(f"ties dropped:     {self.dropped['tie']}")
         lines.append(f"bad rows:         {sum(self.bad.values())}")
@@ -188,17 +224,114 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
-def decode_image(value: Any) -> Image.Image:
-    """Decode raw image bytes (or a ``datasets`` Image dict / PIL image) to a loaded RGB image."""
+# Pick-a-Pic images are 512 to 1024 px a side (about 1 megapixel); 32 megapixels is far above any
+# of them and still decodes in well under a gigabyte of memory.
+MAX_IMAGE_PIXELS = 32_000_000
+MAX_ASPECT_RATIO = 20  # resizing the short side of a 1 x 100,000 strip would allocate gigabytes
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+
+class BadImageError(ValueError):
+    """An image that cannot be used: carries a short ``reason`` (``"image too large"``, ...)."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason, self.detail = reason, detail
+        super().__init__(f"{reason} ({detail})" if detail else reason)
+
+    def __reduce__(self):
+        return type(self), (self.reason, self.detail)
+
+
+def max_image_pixels() -> int:
+    """The pixel cap: ``PICKALIGN_MAX_IMAGE_PIXELS`` when set, else :data:`MAX_IMAGE_PIXELS`."""
+    value = os.environ.get("PICKALIGN_MAX_IMAGE_PIXELS")
+    if value is None:
+        return MAX_IMAGE_PIXELS
+    if not value.isdigit() or int(value) <= 0:
+        raise ValueError(f"PICKALIGN_MAX_IMAGE_PIXELS must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def decode_image(value: Any, max_pixels: int | None = None) -> Image.Image:
+    """The one way pickalign reads an image: raw bytes, a ``datasets`` Image dict, a file path or
+    a PIL image -> a loaded RGB image.
+
+    The size is read from the header and checked before any pixel is decoded, so a decompression
+    bomb (a small file declaring hundreds of megapixels) is refused at once. Every failure is a
+    :class:`BadImageError` with a short reason: ``unsupported format``, ``image too large``,
+    ``absurd size``, ``truncated image``, ``undecodable image``, ``not an image``.
+    """
+    max_pixels = max_pixels or max_image_pixels()
     if isinstance(value, Image.Image):
+        _check_size(value.size, max_pixels)
         return to_rgb(value)
     if isinstance(value, dict):
-        value = value.get("bytes")
-    if not isinstance(value, (bytes, bytearray, memoryview)):
-        raise TypeError(f"expected image bytes, got {type(value).__name__}")
-    image = Image.open(io.BytesIO(bytes(value)))
-    image.load()
-    return to_rgb(image)
+        value = value.get("bytes") if value.get("bytes") is not None else value.get("path")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(bytes(value))
+    elif isinstance(value, (str, os.PathLike)):
+        source = value
+    else:
+        raise BadImageError("not an image", f"got {type(value).__name__}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            # PIL's own bomb check runs inside open(); ours (below) is the one that decides.
+            Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, max_pixels)
+            with Image.open(source, formats=IMAGE_FORMATS) as image:
+                _check_size(image.size, max_pixels)
+                image.load()
+                return to_rgb(image)
+        except BadImageError:
+            raise
+        except Image.DecompressionBombError as error:  # far over PIL's own limit
+            declared = re.search(r"\((\d+) pixels\)", str(error))
+            size = f"{int(declared[1]):,} pixels" if declared else "a decompression bomb"
+            raise BadImageError("image too large", _over_cap(size, max_pixels)) from None
+        except UnidentifiedImageError:
+            raise _unidentified(source) from None
+        except FileNotFoundError:
+            raise
+        except OSError as error:
+            reason = "truncated image" if "truncated" in str(error).lower() else "undecodable image"
+            raise BadImageError(reason, str(error)) from None
+        except (ValueError, TypeError, SyntaxError, struct.error, EOFError, MemoryError) as error:
+            raise BadImageError("undecodable image", f"{type(error).__name__}: {error}") from None
+
+
+# Magic bytes of files that are not images PIL reads, so the reason can name them.
+_SNIFFED = ((b"%PDF", "PDF"), (b"<svg", "SVG"), (b"<?xml", "XML/SVG"), (b"ftypheic", "HEIC"),
+            (b"ftypavif", "AVIF"), (b"<html", "HTML"), (b"<!DOCTYPE", "HTML"))  # fmt: skip
+
+
+def _unidentified(source) -> BadImageError:
+    """Name the format PIL knows but pickalign does not read (header only), else undecodable."""
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
+    try:
+        with Image.open(source) as image:
+            found = image.format
+    except Exception:  # noqa: BLE001 - garbage bytes: PIL may raise anything here
+        found = None
+    if found is None and isinstance(source, io.BytesIO):  # formats PIL cannot even identify
+        head = source.getvalue()[:64].lstrip()
+        found = next((name for magic, name in _SNIFFED if magic in head[:32]), None)
+    if found:
+        return BadImageError("unsupported format", f"{found}; reads {', '.join(IMAGE_FORMATS)}")
+    return BadImageError("undecodable image", f"not a {', '.join(IMAGE_FORMATS)} image")
+
+
+def _over_cap(size: str, max_pixels: int) -> str:
+    return f"{size}, over the cap of {max_pixels:,}; PICKALIGN_MAX_IMAGE_PIXELS raises it"
+
+
+def _check_size(size: tuple[int, int], max_pixels: int) -> None:
+    width, height = size
+    if width * height > max_pixels:
+        size = f"{width}x{height} = {width * height:,} pixels"
+        raise BadImageError("image too large", _over_cap(size, max_pixels))
+    if min(width, height) < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise BadImageError("absurd size", f"{width}x{height}")
 
 
 def _required(row: dict, index: int, column: str) -> Any:
@@ -209,14 +342,13 @@ def _required(row: dict, index: int, column: str) -> Any:
     return row[column]
 
 
-def decode_pair(row: dict, index: int, filters: PairFilter | None = None) -> Pair | str:
-    """Turn one row into a :class:`Pair`.
+LABEL_COLUMNS = ("has_label", "are_different", "caption", "label_0", "label_1")
 
-    Returns the name of the filter that dropped it (``"unlabeled"``, ``"not_different"``,
-    ``"tie"``) for a well-formed row the filters exclude, and raises :class:`BadRowError` for a
-    malformed one.
-    """
-    filters = filters or PairFilter()
+
+def check_labels(row: dict, index: int, filters: PairFilter) -> tuple[str, float, float] | str:
+    """The label part of a row, read without its images: ``(prompt, label_0, label_1)``, or the
+    name of the filter that drops a well-formed row (``"unlabeled"``, ``"not_different"``,
+    ``"empty_caption"``, ``"tie"``). A malformed row raises :class:`BadRowError`."""
     if filters.require_label and not _required(row, index, "has_label"):
         return "unlabeled"
     if filters.require_different and not _required(row, index, "are_different"):
@@ -224,58 +356,101 @@ def decode_pair(row: dict, index: int, filters: PairFilter | None = None) -> Pai
     prompt = _required(row, index, "caption")
     if not isinstance(prompt, str):
         raise BadRowError(index, "caption", "not a string", type(prompt).__name__)
+    if not prompt.strip():
+        return "empty_caption"
     try:
         labels = (float(_required(row, index, "label_0")), float(_required(row, index, "label_1")))
     except (TypeError, ValueError) as error:
         raise BadRowError(index, "label_0", "invalid labels", str(error)) from error
-    if labels not in VALID_LABELS:
+    if labels not in VALID_LABELS:  # NaN compares unequal to everything: invalid too
         raise BadRowError(index, "label_0/label_1", "invalid labels", f"got {labels}")
     if labels == (0.5, 0.5) and not filters.keep_ties:
         return "tie"
+    return prompt, *labels
+
+
+def decode_pair(
+    row: dict, index: int, filters: PairFilter | None = None, max_pixels: int | None = None
+) -> Pair | str:
+    """Turn one row into a :class:`Pair`.
+
+    Returns the name of the filter that dropped it (see :func:`check_labels`) for a well-formed
+    row the filters exclude, and raises :class:`BadRowError` for a malformed one.
+    """
+    checked = check_labels(row, index, filters or PairFilter())
+    if isinstance(checked, str):
+        return checked
+    prompt, label_0, label_1 = checked
+    count = row.get("num_example_per_prompt")
+    if count is None:
+        count = 1
+    elif isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+        raise BadRowError(index, "num_example_per_prompt", "not a positive integer", repr(count))
     images = []
     has_images = "jpg_0" in row or "jpg_1" in row  # the _no_images variants have URLs only
     for column in ("jpg_0", "jpg_1"):
         if not has_images:
             images.append(None)
             continue
+        value = _required(row, index, column)
+        if isinstance(value, str):  # never a path: a dataset row carries the image itself
+            raise BadRowError(index, column, "not image bytes", "got a string")
         try:
-            images.append(decode_image(_required(row, index, column)))
-        except BadRowError:
-            raise
-        except (UnidentifiedImageError, OSError, TypeError, ValueError) as error:
-            raise BadRowError(index, column, "undecodable image", str(error)) from error
-    count = row.get("num_example_per_prompt") or 1
-    return Pair(prompt, images[0], images[1], *labels, index=index, num_example_per_prompt=count)
+            images.append(decode_image(value, max_pixels))
+        except BadImageError as error:
+            raise BadRowError(index, column, error.reason, error.detail) from None
+    return Pair(prompt, images[0], images[1], label_0, label_1, index, int(count))
 
 
-def decode_row(rows, row_index: int, filters: PairFilter, skip_bad: bool) -> Pair | None:
-    """``rows[row_index]`` as a pair with both images, or None when a filter drops it or, with
-    ``skip_bad``, when it is bad (the caller's collate drops Nones); a bad row raises otherwise."""
+def decode_row(rows, row_index: int, filters: PairFilter, skip_bad: bool) -> Pair | BadRowError:
+    """``rows[row_index]`` as a pair with both images. A bad row raises, or with ``skip_bad``
+    comes back as its :class:`BadRowError` for the caller to count (datasets hand it on, and
+    :func:`split_bad` separates it from the good items in a collate)."""
     try:
         pair = decode_pair(rows[row_index], row_index, filters)
-        if isinstance(pair, str):
-            return None
+        if isinstance(pair, str):  # the label columns were filtered up front: not expected
+            raise BadRowError(row_index, "label_0", "filtered row", pair)
         if pair.image_0 is None or pair.image_1 is None:
             raise BadRowError(row_index, "jpg_0", "missing image")
-    except BadRowError:
+    except BadRowError as error:
         if skip_bad:
-            return None
+            return error
         raise
     return pair
 
 
-def usable_rows(rows, filters: PairFilter) -> np.ndarray:
-    """Indices of rows the filters keep, decided from the label columns alone."""
-    names = rows.column_names
-    columns = {c: rows[c] for c in ("has_label", "are_different", "label_0") if c in names}
-    keep = np.ones(len(rows), dtype=bool)
-    if filters.require_label and "has_label" in columns:
-        keep &= np.array([bool(v) for v in columns["has_label"]])
-    if filters.require_different and "are_different" in columns:
-        keep &= np.array([v is None or bool(v) for v in columns["are_different"]])
-    if not filters.keep_ties and "label_0" in columns:
-        keep &= np.array([v != 0.5 for v in columns["label_0"]])
-    return np.nonzero(keep)[0]
+def split_bad(items: list) -> tuple[list, dict[int, str]]:
+    """A collate's items without the skipped bad rows, and those rows as ``{row: reason}``."""
+    bad = {item.index: item.key for item in items if isinstance(item, BadRowError)}
+    return [item for item in items if not isinstance(item, BadRowError)], bad
+
+
+def usable_rows(
+    rows, filters: PairFilter, skip_bad: bool = False, report: DataReport | None = None
+) -> np.ndarray:
+    """Indices of the rows whose labels make a pair, read from the label columns alone (no image
+    is decoded). Filtered rows are counted in ``report.dropped``; rows with bad labels raise, or
+    with ``skip_bad`` are counted in ``report.bad``. Images are checked later, row by row."""
+    report = report if report is not None else DataReport()
+    columns = {c: rows[c] for c in LABEL_COLUMNS if c in rows.column_names}  # one read each
+    keep = []
+    for index in range(len(rows)):
+        row = {name: values[index] for name, values in columns.items()}
+        report.rows += 1
+        try:
+            checked = check_labels(row, index, filters)
+        except BadRowError as error:
+            if not skip_bad:
+                raise
+            report.bad[error.key] += 1
+            continue
+        if isinstance(checked, str):
+            report.dropped[checked] += 1
+        else:
+            report.ties += checked[1] == checked[2]
+            keep.append(index)
+    report.pairs = len(keep)
+    return np.asarray(keep, dtype=np.int64)
 
 
 def iter_pairs(
@@ -299,7 +474,7 @@ def iter_pairs(
         except BadRowError as error:
             if on_bad == "error":
                 raise
-            report.bad[f"{error.reason} ({error.column})"] += 1
+            report.bad[error.key] += 1
             continue
         if isinstance(pair, str):  # dropped by a filter: counted under its name
             report.dropped[pair] += 1

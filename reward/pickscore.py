@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from reward.data import to_rgb
+from reward.sources import require
 
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -188,6 +189,7 @@ class PickScore:
         folder when it has one, else to PickScore's (``laion/CLIP-ViT-H-14``)."""
         from transformers import CLIPModel, CLIPProcessor
 
+        require(str(model), "clip", "reward model")
         if processor is None:
             local = Path(model)
             has_own = (local / "preprocessor_config.json").exists() or (

@@ -20,7 +20,15 @@ from pathlib import Path
 
 import torch
 
-from reward.data import PairFilter, decode_row, load_pickapic, usable_rows
+from reward.data import (
+    BadRowError,
+    DataReport,
+    PairFilter,
+    decode_row,
+    load_pickapic,
+    split_bad,
+    usable_rows,
+)
 from reward.evaluate import accuracy_report, evaluate_reward, pair_probabilities
 from reward.losses import in_batch_negatives_loss, preference_loss
 from reward.pickscore import PickScore, image_embeddings, text_embeddings
@@ -38,6 +46,7 @@ from reward.runtime import (
     seed_everything,
     write_config,
 )
+from reward.sources import require
 
 
 @dataclass
@@ -53,27 +62,57 @@ class RewardConfig(RunConfig):
     dataset: str = field(
         default="yuvalkirstain/pickapic_v2", metadata={"help": "Pick-a-Pic Hub id or local folder."}
     )
+    dataset_build: str | None = field(
+        default=None,
+        metadata={
+            "help": "The command that builds a local dataset (the toy configs set it): a missing "
+            "dataset is then reported with it, never looked up on the Hub."
+        },
+    )
     keep_ties: bool = field(default=True, metadata={"help": "Train on 0.5/0.5 pairs too."})
     skip_bad_rows: bool = field(
         default=False, metadata={"help": "Skip and count bad rows instead of stopping."}
     )
-    batch_size: int = field(default=16, metadata={"help": "Pairs per process per micro-batch."})
-    learning_rate: float = field(default=3e-6, metadata={"help": "AdamW peak learning rate."})
-    weight_decay: float = field(default=0.3, metadata={"help": "AdamW weight decay."})
-    warmup_steps: int = field(default=500, metadata={"help": "Linear warmup, then linear decay."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
-    optimizer: str = field(default="adamw", metadata={"help": "'adamw' or 'adamw_8bit'."})
+    batch_size: int = field(
+        default=16, metadata={"range": "> 0", "help": "Pairs per process per micro-batch."}
+    )
+    learning_rate: float = field(
+        default=3e-6, metadata={"range": "> 0", "help": "AdamW peak learning rate."}
+    )
+    weight_decay: float = field(
+        default=0.3, metadata={"range": ">= 0", "help": "AdamW weight decay."}
+    )
+    warmup_steps: int = field(
+        default=500, metadata={"range": ">= 0", "help": "Linear warmup, then linear decay."}
+    )
+    max_grad_norm: float = field(
+        default=1.0, metadata={"range": "> 0", "help": "Gradient clipping norm."}
+    )
+    optimizer: str = field(
+        default="adamw",
+        metadata={"choices": ("adamw", "adamw_8bit"), "help": "'adamw' or 'adamw_8bit'."},
+    )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Trade compute for memory."}
     )
     in_batch_negatives: bool = field(
         default=False, metadata={"help": "Other prompts' images as negatives (paper section 7)."}
     )
-    eval_steps: int = field(default=500, metadata={"help": "Validate every N steps (0: never)."})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
-    image_size: int = field(default=32, metadata={"help": "Image size of a from-scratch CLIP."})
-    scratch_width: int = field(default=64, metadata={"help": "Width of a from-scratch CLIP."})
-    scratch_layers: int = field(default=3, metadata={"help": "Layers per tower, from scratch."})
+    eval_steps: int = field(
+        default=500, metadata={"range": ">= 0", "help": "Validate every N steps (0: never)."}
+    )
+    num_workers: int = field(
+        default=0, metadata={"range": ">= 0", "help": "DataLoader worker processes."}
+    )
+    image_size: int = field(
+        default=32, metadata={"range": "> 0", "help": "Image size of a from-scratch CLIP."}
+    )
+    scratch_width: int = field(
+        default=64, metadata={"range": "> 0", "help": "Width of a from-scratch CLIP."}
+    )
+    scratch_layers: int = field(
+        default=3, metadata={"range": "> 0", "help": "Layers per tower, from scratch."}
+    )
 
 
 class PairDataset(torch.utils.data.Dataset):
@@ -82,15 +121,16 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __init__(self, rows, processor, filters: PairFilter, skip_bad: bool):
         self.rows, self.processor, self.filters, self.skip_bad = rows, processor, filters, skip_bad
-        self.index = usable_rows(rows, filters)
+        self.report = DataReport()  # rows read, dropped by filter, bad labels (under skip)
+        self.index = usable_rows(rows, filters, skip_bad, self.report)
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, i: int):
         pair = decode_row(self.rows, int(self.index[i]), self.filters, self.skip_bad)
-        if pair is None:
-            return None
+        if isinstance(pair, BadRowError):  # skipped: the collate hands it on to be counted
+            return pair
         pixels = self.processor.image_processor(
             images=[pair.image_0, pair.image_1], return_tensors="pt"
         ).pixel_values
@@ -104,9 +144,9 @@ class PairDataset(torch.utils.data.Dataset):
 
 def make_collate(tokenizer):
     def collate(items):
-        items = [item for item in items if item is not None]  # skipped bad rows
+        items, bad = split_bad(items)
         if not items:
-            return None
+            return {"bad_rows": bad}
         tokens = tokenizer(
             [item["prompt"] for item in items], padding="max_length", truncation=True,
             max_length=tokenizer.model_max_length, return_tensors="pt",
@@ -117,6 +157,7 @@ def make_collate(tokenizer):
             "pixels": torch.stack([item["pixels"] for item in items]),  # (B, 2, 3, S, S)
             "labels": torch.stack([item["labels"] for item in items]),  # (B, 2)
             "weights": torch.stack([item["weight"] for item in items]),  # (B,)
+            "bad_rows": bad,  # {row: reason} of the skipped rows
         }
 
     return collate
@@ -223,6 +264,9 @@ def validate(model, processor, config: RewardConfig, device) -> dict:
 def train(config: RewardConfig) -> Path:
     """Train, keep the best checkpoint by validation accuracy, evaluate it on test_unique, and
     write the final folder ``<output_dir>/final``. Returns that folder."""
+    if not config.from_scratch:
+        require(config.model, "clip", "model")
+    require(config.dataset, "dataset", "dataset", config.dataset_build)
     started = time.time()
     accelerator = make_accelerator(config, micro_batch_size=config.batch_size, project="reward")
     out = Path(config.output_dir)
@@ -236,6 +280,7 @@ def train(config: RewardConfig) -> Path:
     filters = PairFilter(keep_ties=config.keep_ties)
     rows = load_pickapic(config.dataset, "train", streaming=False)
     dataset = PairDataset(rows, processor, filters, config.skip_bad_rows)
+    accelerator.print(f"training data: {dataset.report.one_line()}")
     sampler = EpochSampler(len(dataset), config.seed)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=config.batch_size, sampler=sampler, drop_last=True,
@@ -255,7 +300,7 @@ def train(config: RewardConfig) -> Path:
             f"{len(dataset)} usable pairs is less than one batch of {config.batch_size}"
         )
     bar = progress_bar(accelerator, config.max_steps, step, desc="reward")
-    skipped = 0
+    skipped, bad_rows = 0, {}
     while step < config.max_steps:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch)
@@ -263,7 +308,8 @@ def train(config: RewardConfig) -> Path:
             loader, done_in_epoch * config.gradient_accumulation_steps
         )
         for batch in batches:
-            if batch is None:
+            bad_rows.update(batch.pop("bad_rows"))
+            if "pixels" not in batch:  # every row of it was bad
                 skipped += 1
                 continue
             with accelerator.accumulate(model):
@@ -315,7 +361,8 @@ def train(config: RewardConfig) -> Path:
         )
         metrics.update(
             train_minutes=round(minutes, 2), steps=step, best_val_accuracy_no_ties=best,
-            skipped_batches=skipped, world_size=accelerator.num_processes,
+            skipped_batches=skipped, data=dataset.report.with_bad_rows(bad_rows).as_dict(),
+            world_size=accelerator.num_processes,
             distributed_type=accelerator.distributed_type.value,
         )  # fmt: skip
         save_final_model(model, processor, final, metrics, config)

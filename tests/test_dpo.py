@@ -19,7 +19,14 @@ from align.lora import (
 )
 from align.losses import diffusion_dpo_loss
 from align.models import load_parts
-from align.pairs import CachedPairs, PairCrop, PreferencePairs, build_cache, prepare_image
+from align.pairs import (
+    CachedPairs,
+    PairCrop,
+    PreferencePairs,
+    build_cache,
+    collate_pairs,
+    prepare_image,
+)
 from reward.data import load_pickapic
 from tests.conftest import REPO, launch
 
@@ -365,8 +372,12 @@ def test_full_mode_saves_a_diffusers_unet(tiny_models, toy_pairs, tmp_path):
 
 
 def test_nan_loss_stops_with_the_step(tiny_models, toy_pairs, tmp_path):
+    with pytest.raises(ValueError, match="beta: got nan, expected > 0"):
+        small(tiny_models["sd"], toy_pairs, tmp_path, beta=float("nan"))
+    config = small(tiny_models["sd"], toy_pairs, tmp_path)
+    config.beta = float("nan")  # past the config's check: the loop's own guard must stop it
     with pytest.raises(FloatingPointError, match="at step 1"):
-        train(small(tiny_models["sd"], toy_pairs, tmp_path, beta=float("nan")), "sd")
+        train(config, "sd")
 
 
 def test_wrong_family_is_named(tiny_models, toy_pairs, tmp_path):
@@ -423,7 +434,8 @@ def test_a_pair_with_a_missing_image_follows_the_data_policy(toy_pairs, tmp_path
     broken = load_pickapic(tmp_path, "train", streaming=False)
     with pytest.raises(BadRowError, match=f"row {first}, column 'jpg_1'"):
         PreferencePairs(broken, 32)[0]
-    assert PreferencePairs(broken, 32, skip_bad=True)[0] is None  # dropped by the collate
+    skipped = PreferencePairs(broken, 32, skip_bad=True)[0]  # counted by the collate
+    assert collate_pairs([skipped]) == {"bad_rows": {first: "null value (jpg_1)"}}
 
 
 def test_anchored_pairs_hold_the_prediction_at_the_reference(tiny_models):

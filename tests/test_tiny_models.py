@@ -1,3 +1,6 @@
+import json
+
+import pytest
 import torch
 
 
@@ -61,3 +64,38 @@ def test_tiny_sdxl_uses_two_encoders_and_time_ids(tiny_models):
         output_type="np",
     ).images
     assert image.shape == (1, 64, 64, 3)
+
+
+@pytest.mark.parametrize("family, forces_zeros", [("sd", None), ("sdxl", True), ("sdxl", False)])
+def test_training_unconditional_is_what_the_stock_pipeline_samples(
+    tiny_models, tmp_path, family, forces_zeros
+):
+    """Caption dropout trains the branch that classifier-free guidance samples: the negative
+    embeddings of the stock pipeline's own ``encode_prompt``."""
+    import shutil
+
+    import diffusers
+
+    from align.models import load_parts
+
+    folder = tiny_models[family]
+    if forces_zeros is not None:  # the same weights with the option written either way
+        folder = shutil.copytree(folder, tmp_path / "pipe")
+        index = json.loads((folder / "model_index.json").read_text())
+        index["force_zeros_for_empty_prompt"] = forces_zeros
+        (folder / "model_index.json").write_text(json.dumps(index))
+    pipe = diffusers.DiffusionPipeline.from_pretrained(folder)
+    encoded = pipe.encode_prompt(
+        prompt="a red circle",
+        device="cpu",
+        num_images_per_prompt=1,
+        do_classifier_free_guidance=True,
+    )
+    uncond = load_parts(str(folder)).unconditional()
+    assert torch.allclose(uncond.context, encoded[1], atol=1e-6)
+    if family == "sdxl":
+        assert torch.allclose(uncond.pooled, encoded[3], atol=1e-6)
+    else:
+        assert uncond.pooled is None
+    zeros = bool(forces_zeros)
+    assert bool((uncond.context == 0).all()) == zeros  # the rule took the branch it should
