@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from align.models import unet_family
+
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # Attention projections of every transformer block: the usual Diffusion-DPO / DreamBooth set.
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -100,11 +102,6 @@ def _plain(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def family_of(unet) -> str:
-    """'sdxl' for a UNet with SDXL's text-and-time conditioning, else 'sd'."""
-    return "sdxl" if unet.config.get("addition_embed_type") == "text_time" else "sd"
-
-
 def save_lora(unet, folder: str | Path, extra: dict | None = None) -> Path:
     """Write the adapter of ``unet`` (unwrapped) as ``folder/pytorch_lora_weights.safetensors`` in
     the diffusers format, with its config as metadata, plus ``pickalign_lora.json``."""
@@ -118,7 +115,7 @@ def save_lora(unet, folder: str | Path, extra: dict | None = None) -> Path:
     # proj_in or ff with it would make load_lora_weights drop the attention adapters.
     layers = get_peft_model_state_dict(unet)
     layers = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in layers.items()}
-    family = family_of(unet)
+    family = unet_family(unet.config)
     pipeline = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     pipeline.save_lora_weights(
         folder, unet_lora_layers=layers, unet_lora_adapter_metadata=adapter_metadata(unet)
@@ -174,7 +171,7 @@ def check_lora_fits(state: dict[str, torch.Tensor], unet, source: str = "LoRA") 
             f"; ... ({len(problems)} in all)" if len(problems) > 3 else ""
         )
         raise LoraMismatchError(
-            f"{source} was not made for this UNet ({family_of(unet)}, block_out_channels="
+            f"{source} was not made for this UNet ({unet_family(unet.config)}, block_out_channels="
             f"{list(unet.config.block_out_channels)}, cross_attention_dim="
             f"{unet.config.cross_attention_dim}): {shown}"
         )
@@ -187,7 +184,7 @@ def load_lora(pipe, folder: str | Path, adapter_name: str | None = None):
     info_path = folder / "pickalign_lora.json"
     if info_path.exists():
         made_for = json.loads(info_path.read_text()).get("family")
-        here = family_of(pipe.unet)
+        here = unet_family(pipe.unet.config)
         if made_for and made_for != here:
             raise LoraMismatchError(
                 f"LoRA in {folder} was made for an {made_for.upper()} UNet; "
@@ -201,9 +198,10 @@ def load_lora(pipe, folder: str | Path, adapter_name: str | None = None):
     # diffusers skips keys it does not recognise with only a warning: make that an error.
     wanted = {found[0] for key in state if (found := _lora_target(key.removeprefix("unet.")))}
     loaded = {
-        name for name, module in pipe.unet.named_modules()
+        name
+        for name, module in pipe.unet.named_modules()
         if any(a in getattr(module, "lora_A", {}) for a in added)
-    }  # fmt: skip
+    }
     if not wanted <= loaded:
         missing = sorted(wanted - loaded)
         raise LoraMismatchError(

@@ -40,7 +40,6 @@ def diffusion_dpo_loss(
     reference_mse_l: torch.Tensor,
     beta: float = 5000.0,
     labels: torch.Tensor | None = None,
-    winner_penalty: float = 0.0,
 ) -> DPOTerms:
     """Diffusion-DPO (Wallace et al. 2023, eq. 14 with the per-timestep constant folded into beta):
 
@@ -49,28 +48,19 @@ def diffusion_dpo_loss(
     from per-sample MSEs of winner and loser under the same noise and timestep. At policy ==
     reference the loss is log 2 and the implicit accuracy 0.5 (ties count half).
 
-    ``winner_penalty`` lambda > 0 is the DPO-Positive form (Pal et al. 2024) carried over to
-    diffusion: the margin also loses ``lambda * max(0, mse_θ(w) - mse_ref(w))``, so the loss cannot
-    fall by making the winner less likely than under the reference, only by preferring it. With
-    ``labels``, it applies to pairs whose first image is labelled the better one. The implicit
-    accuracy is that of the plain margin.
+    With ``labels`` (the first image's label: 1, 0 or 0.5 for a tie) the loss is the
+    cross-entropy of the margin against them.
     """
     model_diff = model_mse_w - model_mse_l
     reference_diff = (reference_mse_w - reference_mse_l).detach()
     winner_drift = model_mse_w - reference_mse_w.detach()
     margin = -0.5 * beta * (model_diff - reference_diff)
-    inside = margin
-    if winner_penalty:
-        penalty = winner_penalty * winner_drift.clamp_min(0)
-        if labels is not None:
-            penalty = penalty * (labels.to(penalty) > 0.5)
-        inside = margin - 0.5 * beta * penalty
     accuracy = (margin > 0).float().mean() + 0.5 * (margin == 0).float().mean()
     if labels is None:
-        loss = -F.logsigmoid(inside).mean()
+        loss = -F.logsigmoid(margin).mean()
     else:
-        labels = labels.to(inside)
-        loss = -(labels * F.logsigmoid(inside) + (1 - labels) * F.logsigmoid(-inside)).mean()
+        labels = labels.to(margin)
+        loss = -(labels * F.logsigmoid(margin) + (1 - labels) * F.logsigmoid(-margin)).mean()
     return DPOTerms(
         loss, accuracy.detach(), model_diff.detach(), reference_diff, winner_drift.detach()
     )

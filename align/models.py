@@ -63,11 +63,10 @@ class DiffusionParts:
         return unconditional(self.encode_prompts([""]), self.zeros_for_empty)
 
     @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor, sample: bool = False, generator=None):
-        """(B, 3, H, W) in [-1, 1] -> scaled latents (posterior mean, or a sample)."""
+    def encode_images(self, pixels: torch.Tensor):
+        """(B, 3, H, W) in [-1, 1] -> scaled latents (the posterior mean)."""
         vae = self.vae
-        posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-        latents = posterior.sample(generator) if sample else posterior.mean
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean
         shift = vae.config.get("shift_factor") or 0.0
         return (latents - shift) * vae.config.scaling_factor
 
@@ -110,8 +109,12 @@ def detect_family(model: str, revision: str | None = None) -> str:
     """'sdxl' when the UNet of ``model`` has SDXL's text-and-time conditioning, else 'sd'."""
     from diffusers import UNet2DConditionModel
 
-    config = UNet2DConditionModel.load_config(model, subfolder="unet", revision=revision)
-    return "sdxl" if config.get("addition_embed_type") == "text_time" else "sd"
+    return unet_family(UNet2DConditionModel.load_config(model, subfolder="unet", revision=revision))
+
+
+def unet_family(unet_config) -> str:
+    """'sdxl' for a UNet config with SDXL's text-and-time conditioning, else 'sd'."""
+    return "sdxl" if unet_config.get("addition_embed_type") == "text_time" else "sd"
 
 
 def load_parts(
@@ -179,8 +182,9 @@ def _load_vae(name: str, revision: str | None, dtype: torch.dtype):
     try:
         return AutoencoderKL.from_pretrained(name, revision=revision, torch_dtype=dtype)
     except OSError:  # a pipeline folder or repo: its vae subfolder
-        return AutoencoderKL.from_pretrained(name, subfolder="vae", revision=revision,
-                                             torch_dtype=dtype)  # fmt: skip
+        return AutoencoderKL.from_pretrained(
+            name, subfolder="vae", revision=revision, torch_dtype=dtype
+        )
 
 
 def unet_forward(unet, noisy, timesteps, cond: Conditioning, time_ids: torch.Tensor | None):

@@ -14,15 +14,25 @@ through memory-mapped files, so memory stays flat however large the dataset.
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from reward.data import BadRowError, DataReport, PairFilter, decode_row, split_bad, usable_rows
+from align.models import Conditioning
+from reward.data import (
+    BadRowError,
+    DataReport,
+    DatasetConfig,
+    PairFilter,
+    decode_row,
+    load_pickapic,
+    split_bad,
+    usable_rows,
+)
+from reward.runtime import atomic_path
 
 
 @dataclass
@@ -77,9 +87,16 @@ class PreferencePairs(torch.utils.data.Dataset):
     after a resume.
     """
 
-    def __init__(self, rows, resolution: int, filters: PairFilter | None = None,
-                 skip_bad: bool = False, random_crop: bool = False, random_flip: bool = False,
-                 seed: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        rows,
+        resolution: int,
+        filters: PairFilter | None = None,
+        skip_bad: bool = False,
+        random_crop: bool = False,
+        random_flip: bool = False,
+        seed: int = 0,
+    ):
         self.rows, self.resolution, self.skip_bad = rows, resolution, skip_bad
         self.filters = filters or PairFilter(keep_ties=False)
         self.random_crop, self.random_flip, self.seed = random_crop, random_flip, seed
@@ -94,8 +111,9 @@ class PreferencePairs(torch.utils.data.Dataset):
         pair = decode_row(self.rows, row_index, self.filters, self.skip_bad)
         if isinstance(pair, BadRowError):  # skipped: the collate hands it on to be counted
             return pair
-        crop = choose_crop(np.random.default_rng([self.seed, row_index]), self.random_crop,
-                           self.random_flip)  # fmt: skip
+        crop = choose_crop(
+            np.random.default_rng([self.seed, row_index]), self.random_crop, self.random_flip
+        )
         prepared = [prepare_image(im, self.resolution, crop) for im in orient(pair)]
         return {
             "prompt": pair.prompt,
@@ -129,18 +147,25 @@ def _shard_path(folder: Path, kind: str, number: int) -> Path:
     return folder / f"{kind}-{number:05d}.safetensors"
 
 
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata=None) -> None:
+    """Write a safetensors file atomically: a stopped build never leaves a half-written shard."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.partial")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 @torch.no_grad()
-def build_cache(parts, dataset: PreferencePairs, folder: str | Path, shard_size: int = 1024,
-                batch_size: int = 16, dtype: torch.dtype = torch.float16,
-                progress: bool = True, describe: dict | None = None) -> Path:  # fmt: skip
+def build_cache(
+    parts,
+    dataset: PreferencePairs,
+    folder: str | Path,
+    shard_size: int = 1024,
+    batch_size: int = 16,
+    dtype: torch.dtype = torch.float16,
+    progress: bool = True,
+    describe: dict | None = None,
+) -> Path:
     """Encode every pair of ``dataset`` once with ``parts`` (VAE posterior means, prompt
     embeddings) into ``folder``. Shards already on disk are kept, so a stopped build resumes.
     Returns ``folder``. ``describe`` (model, resolution, ...) is recorded and must match on resume.
@@ -188,8 +213,10 @@ def build_cache(parts, dataset: PreferencePairs, folder: str | Path, shard_size:
             continue
         latents, time_ids, labels, shard_prompts, bad_rows = [], [], [], [], {}
         for chunk_start in range(items_range.start, items_range.stop, batch_size):
-            chunk = [dataset[i] for i in range(chunk_start, min(chunk_start + batch_size,
-                                                                items_range.stop))]  # fmt: skip
+            chunk = [
+                dataset[i]
+                for i in range(chunk_start, min(chunk_start + batch_size, items_range.stop))
+            ]
             batch = collate_pairs(chunk)
             bar.update(len(chunk))
             bad_rows.update(batch["bad_rows"])
@@ -209,27 +236,22 @@ def build_cache(parts, dataset: PreferencePairs, folder: str | Path, shard_size:
             "label": torch.cat(labels) if labels else torch.zeros(0),
             "prompt_id": torch.tensor([prompts[p] for p in shard_prompts], dtype=torch.int64),
         }
-        _save_shard(tensors, path, shard_prompts, bad_rows)
+        # One metadata entry: safetensors writes several in no fixed order, and a resumed build
+        # must write the same bytes.
+        shard = {"prompts": list(dict.fromkeys(shard_prompts)), "bad_rows": bad_rows}
+        _save_tensors(tensors, path, {"shard": json.dumps(shard)})
         kept_per_shard.append(len(shard_prompts))
         all_bad.update(bad_rows)
     bar.close()
     _cache_prompts(parts, list(prompts), folder, shard_size, batch_size, dtype)
-    index = {**header, "pair_shards": kept_per_shard, "prompts": len(prompts),
-             "bad_rows": {str(row): reason for row, reason in sorted(all_bad.items())}}  # fmt: skip
+    index = {
+        **header,
+        "pair_shards": kept_per_shard,
+        "prompts": len(prompts),
+        "bad_rows": {str(row): reason for row, reason in sorted(all_bad.items())},
+    }
     index_path.write_text(json.dumps(index, indent=2))
     return folder
-
-
-def _save_shard(tensors, path: Path, prompts: list[str], bad_rows: dict[int, str]) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(f".{path.name}.partial")
-    # One metadata entry: safetensors writes several in no fixed order, and a resumed build must
-    # write the same bytes.
-    shard = {"prompts": list(dict.fromkeys(prompts)), "bad_rows": bad_rows}
-    metadata = {"shard": json.dumps(shard)}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
 
 
 def _cache_prompts(parts, prompts: list[str], folder: Path, shard_size, batch_size, dtype) -> None:
@@ -251,12 +273,12 @@ def _cache_prompts(parts, prompts: list[str], folder: Path, shard_size, batch_si
         tensors = {"context": torch.cat(contexts)}
         if pooled:
             tensors["pooled"] = torch.cat(pooled)
-        _save_atomic(tensors, path)
+        _save_tensors(tensors, path)
     uncond = parts.unconditional()
     tensors = {"context": uncond.context.float().cpu().to(dtype)}
     if uncond.pooled is not None:
         tensors["pooled"] = uncond.pooled.float().cpu().to(dtype)
-    _save_atomic(tensors, folder / UNCONDITIONAL_FILE)
+    _save_tensors(tensors, folder / UNCONDITIONAL_FILE)
 
 
 class CachedPairs(torch.utils.data.Dataset):
@@ -316,3 +338,109 @@ class CachedPairs(torch.utils.data.Dataset):
 
     def __getstate__(self):  # DataLoader workers open their own handles
         return {**self.__dict__, "_open": {}}
+
+
+# ----------------------------------------------------------------------------------------------
+# The pairs a method trains on, from its config
+
+
+@dataclass
+class PairDataConfig(DatasetConfig):
+    """Where the preference pairs come from and how they are prepared (a config mixin)."""
+
+    split: str = field(default="train", metadata={"help": "Dataset split to train on."})
+    keep_ties: bool = field(
+        default=False, metadata={"help": "Train on ties too (target 0.5 instead of a winner)."}
+    )
+    max_pairs: int | None = field(
+        default=None, metadata={"range": "> 0", "help": "Use only the first N usable pairs."}
+    )
+    resolution: int = field(
+        default=512, metadata={"range": "> 0", "help": "Training resolution (square)."}
+    )
+    random_crop: bool = field(default=False, metadata={"help": "Random instead of centre crop."})
+    random_flip: bool = field(default=False, metadata={"help": "Flip half the pairs."})
+    cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Precompute VAE latents and prompt embeddings here once (resumable)."},
+    )
+    cache_shard_size: int = field(
+        default=1024, metadata={"range": "> 0", "help": "Pairs per cache shard."}
+    )
+
+
+def make_pair_dataset(config, parts, accelerator, held_out: str | None = None, limit=None):
+    """The training pairs (``config.split``, with its augmentation), or with ``held_out`` that
+    split's pairs for validation (centre-cropped, unflipped, at most ``limit``); as raw pairs, or
+    their precompute cache (built on the main process first if missing; a held-out split's cache
+    sits beside the training one as ``<cache_dir>-<split>``)."""
+    training = held_out is None
+    split = config.split if training else held_out
+    rows = load_pickapic(config.dataset, split, streaming=False)
+    crop, flip = (config.random_crop, config.random_flip) if training else (False, False)
+    filters = PairFilter(keep_ties=config.keep_ties)
+    pairs = PreferencePairs(
+        rows, config.resolution, filters, config.skip_bad_rows, crop, flip, config.seed
+    )
+    limit = config.max_pairs if training else limit
+    if limit:
+        pairs.index = pairs.index[:limit]
+    if not config.cache_dir:
+        return pairs
+    cache_dir = config.cache_dir if training else f"{config.cache_dir.rstrip('/')}-{split}"
+    if accelerator.is_main_process:
+        parts.to(accelerator.device)
+        describe = {
+            "model": config.model,
+            "vae": config.vae,
+            "dataset": config.dataset,
+            "split": split,
+            "resolution": config.resolution,
+            "random_crop": crop,
+            "random_flip": flip,
+            "keep_ties": config.keep_ties,
+            "max_pairs": limit,
+        }
+        build_cache(
+            parts,
+            pairs,
+            cache_dir,
+            config.cache_shard_size,
+            describe=describe,
+            progress=accelerator.is_local_main_process,
+        )
+    accelerator.wait_for_everyone()
+    cache = CachedPairs(cache_dir)
+    cache.report = pairs.report.with_bad_rows(cache.bad_rows)
+    return cache
+
+
+def batch_inputs(batch, parts, cached: bool, device):
+    """(latents (B, 2, C, h, w), conditioning, time_ids (B, 2, 6)) of a collated batch, on
+    ``device``: read from the cache, or encoded with ``parts``."""
+    time_ids = batch["time_ids"].to(device)
+    if cached:
+        pooled = batch.get("pooled")
+        cond = Conditioning(
+            batch["context"].to(device), None if pooled is None else pooled.to(device)
+        )
+        return batch["latents"].to(device), cond, time_ids
+    pixels = batch["pixels"].to(device)
+    latents = parts.encode_images(pixels.flatten(0, 1)).float()
+    latents = latents.view(pixels.shape[0], 2, *latents.shape[1:])
+    return latents, parts.encode_prompts(batch["prompt"]), time_ids
+
+
+def drop_captions(cond: Conditioning, uncond: Conditioning, rate: float, generator=None):
+    """Replace each pair's prompt by the unconditional embedding ``uncond`` (batch 1, from
+    ``DiffusionParts.unconditional``) with probability ``rate``; returns the new conditioning and
+    the (B,) mask of replaced pairs."""
+    drop = torch.rand(len(cond.context), generator=generator) < rate
+    if rate <= 0:
+        return cond, drop
+    drop = drop.to(cond.context.device)
+    context = torch.where(drop[:, None, None], uncond.context.to(cond.context.dtype), cond.context)
+    pooled = cond.pooled
+    if pooled is not None:
+        pooled = torch.where(drop[:, None], uncond.pooled.to(pooled.dtype), pooled)
+    return Conditioning(context, pooled), drop

@@ -55,8 +55,9 @@ def median(values) -> float:
     return float(statistics.median(values))
 
 
-def matmul_tflops(device, m: int, k: int, n: int, dtype=torch.bfloat16, repeats: int = 20,
-                  warmup: int = 3) -> float:  # fmt: skip
+def matmul_tflops(
+    device, m: int, k: int, n: int, dtype=torch.bfloat16, repeats: int = 20, warmup: int = 3
+) -> float:
     """Measured TFLOP/s of an (m x k) @ (k x n) product on random data, the right operand stored
     as a linear layer's (n x k) weight."""
     a = torch.randn(m, k, device=device, dtype=dtype)

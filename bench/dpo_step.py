@@ -67,51 +67,75 @@ def sd15_unet():
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=64, cross_attention_dim=768, attention_head_dim=8, layers_per_block=2,
+        sample_size=64,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        layers_per_block=2,
         block_out_channels=(320, 640, 1280, 1280),
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    )  # fmt: skip
+    )
 
 
 def sdxl_unet():
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=128, cross_attention_dim=2048, layers_per_block=2,
-        block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
-        attention_head_dim=(5, 10, 20), use_linear_projection=True,
+        sample_size=128,
+        cross_attention_dim=2048,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        use_linear_projection=True,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        addition_embed_type="text_time", addition_time_embed_dim=256,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=2816,
-    )  # fmt: skip
+    )
 
 
 def sd15_vae():
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
         sample_size=512,
-    )  # fmt: skip
+    )
 
 
 def clip_l_text():
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    config = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                            num_attention_heads=12, max_position_embeddings=77, vocab_size=49408)  # fmt: skip
+    config = CLIPTextConfig(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=77,
+        vocab_size=49408,
+    )
     return CLIPTextModel(config).eval().requires_grad_(False)
 
 
 def clip_bigg_text():
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    config = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                            num_attention_heads=20, max_position_embeddings=77, vocab_size=49408,
-                            projection_dim=1280, hidden_act="gelu")  # fmt: skip
+    config = CLIPTextConfig(
+        hidden_size=1280,
+        intermediate_size=5120,
+        num_hidden_layers=32,
+        num_attention_heads=20,
+        max_position_embeddings=77,
+        vocab_size=49408,
+        projection_dim=1280,
+        hidden_act="gelu",
+    )
     return CLIPTextModelWithProjection(config).eval().requires_grad_(False)
 
 
@@ -121,7 +145,8 @@ def run_design(design: str, args) -> dict:
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
 
-    from align.dpo import lora_reference, pair_step
+    from align.dpo import pair_step
+    from align.finetune import lora_reference
     from align.lora import add_lora, lora_parameters, skip_lora_input_casts
     from align.models import Conditioning, default_time_ids, unet_forward
     from align.text import encode_sd, encode_sdxl
@@ -271,22 +296,28 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument(
-        "--common-vae", choices=["auto", "fp32", "weight"], default="auto",
+        "--common-vae",
+        choices=["auto", "fp32", "weight"],
+        default="auto",
         help="the common design's VAE dtype: auto (SD: the weight dtype, SDXL: fp32), fp32, or "
         "the weight dtype",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--skip-lora-casts", choices=["ours", "both", "none"], default="ours",
+        "--skip-lora-casts",
+        choices=["ours", "both", "none"],
+        default="ours",
         help="under bf16, which designs skip peft's LoRA input casts: ours (as pickalign "
         "training does; the usual scripts keep them), both, or none",
-    )  # fmt: skip
+    )
     parser.add_argument("--steps", type=int, default=3, help="timed steps (the median is kept)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument(
-        "--rounds", type=int, default=1,
+        "--rounds",
+        type=int,
+        default=1,
         help="run each design this many times, alternating their order; ratios are the median "
         "of the rounds' ratios",
-    )  # fmt: skip
+    )
     parser.add_argument("--designs", default="ours,common", help="comma-separated")
     parser.add_argument("--design", choices=["ours", "common"], help="run one design here")
     parser.add_argument("--json", help="also write the figures here")

@@ -48,18 +48,34 @@ from bench.benchlib import (  # noqa: E402
 ARCHS = {
     "vit-b16": (
         dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
-        dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-             num_attention_heads=12, patch_size=16),
+        dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            patch_size=16,
+        ),
         512,
     ),
     "vit-h14": (  # laion/CLIP-ViT-H-14, PickScore's architecture
-        dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-             num_attention_heads=16, hidden_act="gelu"),
-        dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-             num_attention_heads=16, patch_size=14, hidden_act="gelu"),
+        dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            hidden_act="gelu",
+        ),
+        dict(
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_hidden_layers=32,
+            num_attention_heads=16,
+            patch_size=14,
+            hidden_act="gelu",
+        ),
         1024,
     ),
-}  # fmt: skip
+}
 
 
 def build_clip(arch: str, device: str):
@@ -139,7 +155,7 @@ def main() -> None:
         help="also time ours bf16 with the vision tower under torch.compile",
     )
     parser.add_argument("--json", help="also write the figures here")
-    args = parser.parse_args()  # fmt: skip
+    args = parser.parse_args()
 
     from reward.pickscore import PickScore, image_embeddings, text_embeddings
 
@@ -153,8 +169,13 @@ def main() -> None:
     flat_images = [im for group in images for im in group]
     flat_texts = [t for t, group in zip(texts, images) for _ in group]
     n = len(flat_images)
-    figures = {"arch": arch, "images": n, "image_px": args.size, "repeats": repeats,
-               "machine": describe_machine(device)}  # fmt: skip
+    figures = {
+        "arch": arch,
+        "images": n,
+        "image_px": args.size,
+        "repeats": repeats,
+        "machine": describe_machine(device),
+    }
 
     # Every path is registered first, then timed round-robin (benchlib.round_robin).
     paths: dict[str, object] = {}
@@ -264,10 +285,12 @@ def main() -> None:
                 copy.deepcopy(model), processor, device, torch.bfloat16, compile=True
             )
 
-            rates({
-                "tower_bf16_compiled_batch64": lambda: tower(scorer, pixels, 64),
-                "ours_bf16_compiled": lambda: scorer.score(flat_texts, flat_images),
-            })  # fmt: skip
+            rates(
+                {
+                    "tower_bf16_compiled_batch64": lambda: tower(scorer, pixels, 64),
+                    "ours_bf16_compiled": lambda: scorer.score(flat_texts, flat_images),
+                }
+            )
             for name in ("tower_bf16_compiled_batch64", "ours_bf16_compiled"):
                 achieved = figures[f"{name}_images_per_s"] * figures["score_call_gflops_per_image"]
                 figures[f"{name}_fraction_of_bf16_roofline"] = (

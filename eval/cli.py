@@ -72,7 +72,7 @@ def _key_values(items: list[str], flag: str, cast=str) -> dict:
 
 
 def _toy_data(args: argparse.Namespace) -> int:
-    from align.toy_data import generate_toy_dataset, with_base_models
+    from eval.toy.data import generate_toy_dataset, with_base_models
 
     base = {} if args.renders_only else None
     if args.base_model:
@@ -82,9 +82,13 @@ def _toy_data(args: argparse.Namespace) -> int:
             raise SystemExit(f"--base-model: {error}") from None
     mix = _key_values(args.mix.split(","), "--mix", float) if args.mix else None
     sizes = generate_toy_dataset(
-        args.out, seed=args.seed, prompts=args.prompts, pairs_per_prompt=args.pairs_per_prompt,
-        base_models=base, mix=mix,
-    )  # fmt: skip
+        args.out,
+        seed=args.seed,
+        prompts=args.prompts,
+        pairs_per_prompt=args.pairs_per_prompt,
+        base_models=base,
+        mix=mix,
+    )
     for split, rows in sizes.items():
         print(f"{split:18s} {rows} rows")
     print(f"written to {Path(args.out).resolve() / 'data'}")
@@ -92,11 +96,11 @@ def _toy_data(args: argparse.Namespace) -> int:
 
 
 def _oracle_check(args: argparse.Namespace) -> int:
-    from eval.oracle import oracle_accuracy
+    from eval.toy.judge import oracle_accuracy
 
     print("renders:", oracle_accuracy(args.renders, args.seed))
     if args.vae:
-        from align.pretrain_toy import vae_round_trip
+        from eval.toy.pretrain import vae_round_trip
 
         result = oracle_accuracy(args.renders, args.seed, vae_round_trip(args.vae))
         print("VAE reconstructions:", result)
@@ -113,23 +117,23 @@ def _toy_eval(args: argparse.Namespace) -> int:
     for name in [args.model] + ([args.against] if args.against else []):
         require(name, "pipeline", "model")
     if args.aligned:
-        from eval.oracle import aligned_vs_base
+        from eval.toy.judge import aligned_vs_base
 
         aligned = args.aligned[0] if len(args.aligned) == 1 else args.aligned
-        report = aligned_vs_base(args.model, aligned, args.prompts, args.seeds_per_prompt,
-                                 split=args.split)  # fmt: skip
+        report = aligned_vs_base(
+            args.model, aligned, args.prompts, args.seeds_per_prompt, split=args.split
+        )
         print(json.dumps(report, indent=2))
         return 0
 
-    from align.sampling import generate
-    from eval.oracle import oracle_compare
-    from reward.toyworld import prompt_splits
+    from eval.toy.judge import oracle_compare, sample_held_out
 
-    prompts = [a.prompt for a in prompt_splits()[args.split][: args.prompts]]
-    seeds = list(range(args.seed, args.seed + len(prompts)))
-    sample = lambda folder: generate(DiffusionPipeline.from_pretrained(folder), prompts, seeds)  # noqa: E731
-    images = sample(args.model)
-    other = sample(args.against) if args.against else images
+    def sample(folder):
+        pipe = DiffusionPipeline.from_pretrained(folder)
+        return sample_held_out(pipe, args.split, args.prompts, first_seed=args.seed)
+
+    prompts, images = sample(args.model)
+    other = sample(args.against)[1] if args.against else images
     result = oracle_compare(prompts, images, other)
     print(json.dumps({"model": result["a"]}, indent=2))
     if args.against:
@@ -178,7 +182,7 @@ def _reward_eval(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from eval.demo import run_demo
+    from eval.toy.demo import run_demo
 
     run_demo(Path(args.out))
     return 0
@@ -247,17 +251,20 @@ def build_parser() -> argparse.ArgumentParser:
     toy_eval.add_argument("model", help="a pipeline folder")
     toy_eval.add_argument("--against", help="a second pipeline folder to compare with")
     toy_eval.add_argument(
-        "--aligned", nargs="+",
+        "--aligned",
+        nargs="+",
         help="DPO output folders (LoRA or unet/), e.g. a run's final/ and checkpoints/*: win rate "
         "of MODEL with each over MODEL alone (the base is sampled once)",
-    )  # fmt: skip
+    )
     toy_eval.add_argument("--seeds-per-prompt", type=int, default=2, help="with --aligned")
     toy_eval.add_argument("--prompts", type=int, default=200, help="held-out prompts")
     toy_eval.add_argument("--seed", type=int, default=0, help="first seed (seed i+k for prompt k)")
     toy_eval.add_argument(
-        "--split", choices=("test", "validation"), default="test",
+        "--split",
+        choices=("test", "validation"),
+        default="test",
         help="held-out prompts to judge on: test (200) for figures, validation (50) for tuning",
-    )  # fmt: skip
+    )
     toy_eval.set_defaults(run=_toy_eval)
 
     score = commands.add_parser("score", help="PickScore of images for one prompt")

@@ -12,9 +12,15 @@ is set). Resume with --resume_from_checkpoint latest. See align/dpo.py for every
 
 import sys
 
-from align.dpo import main
-from eval.oracle import judge_toy_run
-from reward.runtime import run_cli
+from align.dpo import DPOConfig, train
+from eval.toy.judge import ToyJudgeConfig, judge_toy_run
+from reward.runtime import parse_config, run_cli
+
+
+def main(argv: list[str]) -> None:
+    config, judge = parse_config((DPOConfig, ToyJudgeConfig), argv)
+    judge_toy_run(config.model, train(config, "sd"), judge)
+
 
 if __name__ == "__main__":
-    sys.exit(run_cli(lambda argv: judge_toy_run(*main("sd", argv))))
+    sys.exit(run_cli(main))

@@ -11,7 +11,7 @@ held-out prompts). See align/pretrain_toy.py.
 
 import sys
 
-from align.pretrain_toy import PretrainToyConfig, train
+from eval.toy.pretrain import PretrainToyConfig, train
 from reward.runtime import parse_config, run_cli
 
 if __name__ == "__main__":

@@ -104,6 +104,26 @@ class PairFilter:
 
 
 @dataclass
+class DatasetConfig:
+    """Where a recipe's Pick-a-Pic data comes from, and what it does with bad rows (a config
+    mixin)."""
+
+    dataset: str = field(
+        default="yuvalkirstain/pickapic_v2", metadata={"help": "Pick-a-Pic Hub id or local folder."}
+    )
+    dataset_build: str | None = field(
+        default=None,
+        metadata={
+            "help": "The command that builds a local dataset (the toy configs set it): a missing "
+            "dataset is then reported with it, never looked up on the Hub."
+        },
+    )
+    skip_bad_rows: bool = field(
+        default=False, metadata={"help": "Skip and count bad rows instead of stopping."}
+    )
+
+
+@dataclass
 class DataReport:
     """What happened to every row read: kept, filtered out (by filter) or bad (by reason)."""
 
@@ -119,8 +139,13 @@ class DataReport:
         return DataReport(self.rows, self.pairs - len(bad_rows), self.ties, self.dropped, bad)
 
     def as_dict(self) -> dict:
-        return {"rows": self.rows, "pairs": self.pairs, "ties": self.ties,
-                "dropped": dict(self.dropped), "bad": dict(self.bad)}  # fmt: skip
+        return {
+            "rows": self.rows,
+            "pairs": self.pairs,
+            "ties": self.ties,
+            "dropped": dict(self.dropped),
+            "bad": dict(self.bad),
+        }
 
     def one_line(self) -> str:
         """``12 rows: 6 usable pairs (1 tie), dropped 2 (...), bad 4 (...)``."""
@@ -300,8 +325,15 @@ def decode_image(value: Any, max_pixels: int | None = None) -> Image.Image:
 
 
 # Magic bytes of files that are not images PIL reads, so the reason can name them.
-_SNIFFED = ((b"%PDF", "PDF"), (b"<svg", "SVG"), (b"<?xml", "XML/SVG"), (b"ftypheic", "HEIC"),
-            (b"ftypavif", "AVIF"), (b"<html", "HTML"), (b"<!DOCTYPE", "HTML"))  # fmt: skip
+_SNIFFED = (
+    (b"%PDF", "PDF"),
+    (b"<svg", "SVG"),
+    (b"<?xml", "XML/SVG"),
+    (b"ftypheic", "HEIC"),
+    (b"ftypavif", "AVIF"),
+    (b"<html", "HTML"),
+    (b"<!DOCTYPE", "HTML"),
+)
 
 
 def _unidentified(source) -> BadImageError:

@@ -212,9 +212,12 @@ class PickScore:
 
     def _tokens(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         tokens = self.processor.tokenizer(
-            list(prompts), padding=True, truncation=True, max_length=self.max_length,
+            list(prompts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
             return_tensors="pt",
-        )  # fmt: skip
+        )
         if not self._warned_truncation:
             lengths = self.processor.tokenizer(list(prompts), truncation=False).input_ids
             if any(len(ids) > self.max_length for ids in lengths):
@@ -224,11 +227,6 @@ class PickScore:
                 )
                 self._warned_truncation = True
         return {k: v.to(self.device) for k, v in tokens.items()}
-
-    @torch.inference_mode()
-    def embed_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """L2-normalised prompt embeddings (N, D), each distinct prompt encoded once."""
-        return self._text_per_image(prompts)
 
     def _text_per_image(self, prompts: Sequence[str]) -> torch.Tensor:
         """Prompt embeddings (N, D), one row per image, each distinct prompt encoded once (under
@@ -301,9 +299,10 @@ class PickScore:
         staged = []
         for (height, width), members in groups.items():
             host = torch.empty(
-                (len(members), height, width, 3), dtype=torch.uint8,
+                (len(members), height, width, 3),
+                dtype=torch.uint8,
                 pin_memory=self.device.type == "cuda",
-            )  # fmt: skip
+            )
             view = host.numpy()
             list(pool.map(np.copyto, view, [arrays[i] for i in members]))
             staged.append((members, host))

@@ -135,22 +135,24 @@ class RunConfig:
 # Configs
 
 
-def parse_config(config_type: type[T], args: list[str] | None = None) -> T:
-    """Parse ``--config file.yaml`` plus ``--flag value`` overrides into ``config_type``.
+def parse_config(config_type, args: list[str] | None = None):
+    """Parse ``--config file.yaml`` plus ``--flag value`` overrides into ``config_type``, or into
+    each of a tuple of config types (returned as a tuple; a key goes to the type that has it).
 
     Unknown keys in the YAML or on the command line, and values a field does not accept, are
     one-line errors that name them (exit status 2). ``--help`` lists every field with its help
     text, its default and what it accepts. A field that may be None takes ``none`` or ``''``.
     """
-    parser = _config_parser(config_type)
+    types_ = list(config_type) if isinstance(config_type, tuple) else [config_type]
+    parser = _config_parser(types_)
     try:
-        (config,) = parser.parse_args_and_config(args=args)
+        configs = parser.parse_args_and_config(args=args)
     except (ValueError, OSError) as error:  # unknown keys, bad values, a missing config file
         parser.error(str(error))
-    return config
+    return tuple(configs) if isinstance(config_type, tuple) else configs[0]
 
 
-def _config_parser(config_type):
+def _config_parser(config_types: list):
     from transformers import HfArgumentParser
     from trl import TrlParser
 
@@ -174,7 +176,7 @@ def _config_parser(config_type):
         def error(self, message):  # one line, no usage block
             self.exit(2, f"{self.prog}: error: {message}\n")
 
-    return ConfigParser([config_type])
+    return ConfigParser(config_types)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -386,6 +388,52 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return self.size
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizers and schedules
+
+
+def make_optimizer(name: str, parameters, lr: float, weight_decay: float = 0.0):
+    """``adamw``, ``adamw_8bit`` (bitsandbytes; state in 8 bit, also on CPU) or ``adafactor``
+    (transformers, with a fixed learning rate) over ``parameters`` or parameter groups (a group's
+    own ``weight_decay`` wins over ``weight_decay``)."""
+    parameters = list(parameters)
+    if name == "adamw":
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    if name == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(parameters, lr=lr, weight_decay=weight_decay)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(
+            parameters,
+            lr=lr,
+            weight_decay=weight_decay,
+            relative_step=False,
+            scale_parameter=False,
+            warmup_init=False,
+        )
+    raise ValueError(f"optimizer must be adamw, adamw_8bit or adafactor, got {name!r}")
+
+
+def warmup_schedule(optimizer, warmup: int, total: int, decay: str = "linear"):
+    """Linear warmup over ``warmup`` steps (the first step already at 1/warmup of the rate), then
+    a ``linear`` or ``cosine`` decay to zero at ``total``."""
+    import math
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if decay == "cosine":
+            return 0.5 * (
+                1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup)))
+            )
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # ----------------------------------------------------------------------------------------------

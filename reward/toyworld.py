@@ -130,9 +130,13 @@ def read_image(image: Image.Image) -> Attributes | None:
         image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
     pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
     border = np.concatenate(
-        [pixels[:2].reshape(-1, 3), pixels[-2:].reshape(-1, 3),
-         pixels[:, :2].reshape(-1, 3), pixels[:, -2:].reshape(-1, 3)]
-    )  # fmt: skip
+        [
+            pixels[:2].reshape(-1, 3),
+            pixels[-2:].reshape(-1, 3),
+            pixels[:, :2].reshape(-1, 3),
+            pixels[:, -2:].reshape(-1, 3),
+        ]
+    )
     background_rgb = np.median(border, axis=0)
     distance = np.sqrt(((pixels - background_rgb) ** 2).sum(axis=-1))
     far = np.percentile(distance, 95)
@@ -230,3 +234,30 @@ def adherence(verdicts: list[Verdict]) -> dict[str, float]:
     for name in ATTRIBUTE_NAMES:
         result[name] = sum(v.satisfied[name] for v in verdicts) / n
     return result
+
+
+class OracleReward:
+    """The oracle as a reward, with PickScore's interface: ``score(prompts, images)`` gives the
+    number of the prompt's attributes each image satisfies (0-3) as a float tensor, so a method
+    that trains on a reward can train on the toy world's ground truth.
+
+    Images are PIL images, uint8 arrays (H, W, 3) or float tensors (3, H, W) in [0, 1] (a
+    pipeline's ``output_type="pt"``)."""
+
+    def score(self, prompts, images, batch_size: int | None = None):
+        import torch
+
+        prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
+        scores = [judge(p, _as_pil(image)).score for p, image in zip(prompts, images)]
+        return torch.tensor(scores, dtype=torch.float32)
+
+
+def _as_pil(image) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    if hasattr(image, "detach"):  # a (3, H, W) tensor in [0, 1]
+        array = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0)
+        return Image.fromarray(array.cpu().numpy())
+    return Image.fromarray(np.asarray(image, dtype=np.uint8))

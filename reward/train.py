@@ -23,6 +23,7 @@ import torch
 from reward.data import (
     BadRowError,
     DataReport,
+    DatasetConfig,
     PairFilter,
     decode_row,
     load_pickapic,
@@ -40,17 +41,19 @@ from reward.runtime import (
     atomic_write_json,
     check_finite,
     make_accelerator,
+    make_optimizer,
     maybe_resume,
     progress_bar,
     save_checkpoint,
     seed_everything,
+    warmup_schedule,
     write_config,
 )
 from reward.sources import require
 
 
 @dataclass
-class RewardConfig(RunConfig):
+class RewardConfig(DatasetConfig, RunConfig):
     model: str = field(
         default="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
         metadata={"help": "CLIP to fine-tune: a Hub id or a local folder."},
@@ -59,20 +62,7 @@ class RewardConfig(RunConfig):
         default=False,
         metadata={"help": "Build a tiny CLIP from a config (toy world) instead of loading one."},
     )
-    dataset: str = field(
-        default="yuvalkirstain/pickapic_v2", metadata={"help": "Pick-a-Pic Hub id or local folder."}
-    )
-    dataset_build: str | None = field(
-        default=None,
-        metadata={
-            "help": "The command that builds a local dataset (the toy configs set it): a missing "
-            "dataset is then reported with it, never looked up on the Hub."
-        },
-    )
     keep_ties: bool = field(default=True, metadata={"help": "Train on 0.5/0.5 pairs too."})
-    skip_bad_rows: bool = field(
-        default=False, metadata={"help": "Skip and count bad rows instead of stopping."}
-    )
     batch_size: int = field(
         default=16, metadata={"range": "> 0", "help": "Pairs per process per micro-batch."}
     )
@@ -148,9 +138,12 @@ def make_collate(tokenizer):
         if not items:
             return {"bad_rows": bad}
         tokens = tokenizer(
-            [item["prompt"] for item in items], padding="max_length", truncation=True,
-            max_length=tokenizer.model_max_length, return_tensors="pt",
-        )  # fmt: skip
+            [item["prompt"] for item in items],
+            padding="max_length",
+            truncation=True,
+            max_length=tokenizer.model_max_length,
+            return_tensors="pt",
+        )
         return {
             "input_ids": tokens.input_ids,
             "attention_mask": tokens.attention_mask,
@@ -214,37 +207,22 @@ def load_model(config: RewardConfig):
         folder = Path(config.output_dir) / "init"
         if not (folder / "config.json").exists():
             build_tiny_clip(
-                folder, image_size=config.image_size, seed=config.seed,
-                width=config.scratch_width, layers=config.scratch_layers,
+                folder,
+                image_size=config.image_size,
+                seed=config.seed,
+                width=config.scratch_width,
+                layers=config.scratch_layers,
                 projection=config.scratch_width,
-            )  # fmt: skip
+            )
         return CLIPModel.from_pretrained(folder), CLIPProcessor.from_pretrained(folder)
     return CLIPModel.from_pretrained(config.model), CLIPProcessor.from_pretrained(config.model)
 
 
-def make_optimizer(model, config: RewardConfig):
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices, none on biases, norms, embeddings and the logit scale."""
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": rest, "weight_decay": 0.0},
-    ]
-    if config.optimizer == "adamw_8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(groups, lr=config.learning_rate)
-    if config.optimizer != "adamw":
-        raise ValueError(f"optimizer must be 'adamw' or 'adamw_8bit', got {config.optimizer!r}")
-    return torch.optim.AdamW(groups, lr=config.learning_rate)
-
-
-def linear_schedule(warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return factor
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
 def validate(model, processor, config: RewardConfig, device) -> dict:
@@ -252,13 +230,19 @@ def validate(model, processor, config: RewardConfig, device) -> dict:
     from reward.data import iter_pairs
 
     scorer = PickScore(model.eval(), processor, device=device, dtype=torch.float32, freeze=False)
-    pairs = list(iter_pairs(load_pickapic(config.dataset, "validation_unique"),
-                            on_bad="skip" if config.skip_bad_rows else "error"))  # fmt: skip
+    pairs = list(
+        iter_pairs(
+            load_pickapic(config.dataset, "validation_unique"),
+            on_bad="skip" if config.skip_bad_rows else "error",
+        )
+    )
     p0, label_0 = pair_probabilities(scorer, pairs)
     model.train()
     report = accuracy_report(p0, label_0, p0, label_0)
-    return {"val_accuracy_no_ties": report.get("accuracy_no_ties", float("nan")),
-            "val_accuracy": report["accuracy"]}  # fmt: skip
+    return {
+        "val_accuracy_no_ties": report.get("accuracy_no_ties", float("nan")),
+        "val_accuracy": report["accuracy"],
+    }
 
 
 def train(config: RewardConfig) -> Path:
@@ -280,17 +264,24 @@ def train(config: RewardConfig) -> Path:
     filters = PairFilter(keep_ties=config.keep_ties)
     rows = load_pickapic(config.dataset, "train", streaming=False)
     dataset = PairDataset(rows, processor, filters, config.skip_bad_rows)
-    accelerator.print(f"training data: {dataset.report.one_line()}")
+    accelerator.print(
+        f"training data: {dataset.report.one_line()} (before reading images: rows with bad "
+        "images are counted as they are met, and the final count goes to metrics.json)"
+    )
     sampler = EpochSampler(len(dataset), config.seed)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=config.batch_size, sampler=sampler, drop_last=True,
-        collate_fn=make_collate(processor.tokenizer), num_workers=config.num_workers,
-    )  # fmt: skip
-    model = PreferenceModel(model)
-    optimizer = make_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, linear_schedule(config.warmup_steps, config.max_steps)
+        dataset,
+        batch_size=config.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        collate_fn=make_collate(processor.tokenizer),
+        num_workers=config.num_workers,
     )
+    model = PreferenceModel(model)
+    optimizer = make_optimizer(
+        config.optimizer, param_groups(model, config.weight_decay), config.learning_rate
+    )
+    scheduler = warmup_schedule(optimizer, config.warmup_steps, config.max_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     state = maybe_resume(accelerator, config)
     step, best = state["step"], state.get("best_val", -math.inf)
@@ -360,11 +351,14 @@ def train(config: RewardConfig) -> Path:
             scorer, config.dataset, "skip" if config.skip_bad_rows else "error"
         )
         metrics.update(
-            train_minutes=round(minutes, 2), steps=step, best_val_accuracy_no_ties=best,
-            skipped_batches=skipped, data=dataset.report.with_bad_rows(bad_rows).as_dict(),
+            train_minutes=round(minutes, 2),
+            steps=step,
+            best_val_accuracy_no_ties=best,
+            skipped_batches=skipped,
+            data=dataset.report.with_bad_rows(bad_rows).as_dict(),
             world_size=accelerator.num_processes,
             distributed_type=accelerator.distributed_type.value,
-        )  # fmt: skip
+        )
         save_final_model(model, processor, final, metrics, config)
         accelerator.print(f"reward model: {final}\n{metrics}")
     accelerator.end_training()
@@ -385,22 +379,35 @@ def save_final_model(
 
 def model_card(metrics: dict, config: RewardConfig | None) -> str:
     lines = [
-        "---", "library_name: transformers", "tags: [pickalign, pickscore, preference-reward, clip]", "---",
-        "# PickScore-style preference reward (pickalign)", "",
+        "---",
+        "library_name: transformers",
+        "tags: [pickalign, pickscore, preference-reward, clip]",
+        "---",
+        "# PickScore-style preference reward (pickalign)",
+        "",
         "A CLIP model fine-tuned on Pick-a-Pic-style preference pairs to score how likely a person",
-        "prefers an image for a prompt: `logit_scale.exp() * cos(text, image)`.", "",
+        "prefers an image for a prompt: `logit_scale.exp() * cos(text, image)`.",
+        "",
         "```python",
         "from transformers import CLIPModel, CLIPProcessor",
         "model = CLIPModel.from_pretrained(path); processor = CLIPProcessor.from_pretrained(path)",
-        "```", "",
-        "Or `reward.PickScore.from_pretrained(path).score(prompts, images)`.", "",
-        "## Evaluation (test_unique, tie threshold chosen on validation_unique)", "",
-    ]  # fmt: skip
+        "```",
+        "",
+        "Or `reward.PickScore.from_pretrained(path).score(prompts, images)`.",
+        "",
+        "## Evaluation (test_unique, tie threshold chosen on validation_unique)",
+        "",
+    ]
     for key, value in metrics.items():
         lines.append(f"- {key}: {value}")
     if config is not None:
-        lines += ["", "## Training", "", f"- data: `{config.dataset}`", f"- base: `{config.model}`"
-                  f"{' (tiny, from scratch)' if config.from_scratch else ''}",
-                  f"- steps: {config.max_steps}, lr {config.learning_rate}, batch {config.batch_size}"
-                  " per process"]  # fmt: skip
+        lines += [
+            "",
+            "## Training",
+            "",
+            f"- data: `{config.dataset}`",
+            f"- base: `{config.model}`{' (tiny, from scratch)' if config.from_scratch else ''}",
+            f"- steps: {config.max_steps}, lr {config.learning_rate}, batch {config.batch_size}"
+            " per process",
+        ]
     return "\n".join(lines) + "\n"

@@ -29,7 +29,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def toy_pairs(tmp_path_factory) -> Path:
     """A small renders-only toy dataset in the Pick-a-Pic schema (16 train prompts x 2 pairs)."""
-    from align.toy_data import generate_toy_dataset
+    from eval.toy.data import generate_toy_dataset
 
     out = tmp_path_factory.mktemp("toy_pairs")
     generate_toy_dataset(
@@ -56,9 +56,14 @@ def jpeg_bytes(image, fmt: str = "JPEG") -> bytes:
 def launch(config: str, script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """``accelerate launch`` a script with one of the repo's accelerate configs."""
     command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(REPO / "accelerate_configs" / config), script, *args,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "accelerate_configs" / config),
+        script,
+        *args,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result

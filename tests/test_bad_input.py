@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from align.dpo import DPOConfig
-from align.dpo import main as dpo_main
+from align.dpo import train as dpo_train
 from eval.cli import main as cli
+from eval.toy.judge import ToyJudgeConfig
 from reward.data import (
     BadImageError,
     DataReport,
@@ -109,8 +110,11 @@ def test_every_hostile_row_is_a_pair_or_has_a_reason_in_the_data_layer(hostile):
     assert [p.index for p in pairs] == [i for i, fate in fates.items() if fate == "pair"]
     expected = expected_report(fates)
     assert (report.rows, report.pairs, report.dropped, report.bad) == (
-        expected.rows, expected.pairs, expected.dropped, expected.bad,
-    )  # fmt: skip
+        expected.rows,
+        expected.pairs,
+        expected.dropped,
+        expected.bad,
+    )
 
 
 def test_bomb_and_truncated_rows_are_named_under_the_error_policy(hostile):
@@ -149,8 +153,11 @@ def test_reward_data_path_accounts_for_every_hostile_row(hostile, tiny_models):
     report = dataset.report.with_bad_rows(batch["bad_rows"])
     expected = expected_report(fates)
     assert (report.rows, report.pairs, report.dropped, report.bad) == (
-        expected.rows, expected.pairs, expected.dropped, expected.bad,
-    )  # fmt: skip
+        expected.rows,
+        expected.pairs,
+        expected.dropped,
+        expected.bad,
+    )
     assert batch["input_ids"].shape == (expected.pairs, 77)  # the long caption is truncated
 
 
@@ -201,9 +208,17 @@ def test_config_values_and_combinations_name_field_value_and_what_is_allowed():
         RewardConfig(learning_rate=0.0)
     with pytest.raises(ConfigError, match=r"lr_scheduler: got 'cosine_annealing'"):
         DPOConfig(lr_scheduler="cosine_annealing")
-    with pytest.raises(ConfigError, match=r"train_guidance: .* applies to loss dpo only"):
-        DPOConfig(train_guidance=2.0, loss="sft")
+    with pytest.raises(ConfigError, match=r"uncond_anchor: got 10.0, but caption_dropout is 0"):
+        DPOConfig(uncond_anchor=10.0)
+    with pytest.raises(ConfigError, match=r"reference_offload: applies to mode full only"):
+        DPOConfig(reference_offload=True)
     assert DPOConfig(lora_alpha=None, validation_split="none").validation_split is None
+
+
+def dpo_main(family: str, argv: list[str]):
+    """What recipes/dpo_<family>.py runs (the toy judging is off unless a config asks)."""
+    config, _ = parse_config((DPOConfig, ToyJudgeConfig), argv)
+    return dpo_train(config, family)
 
 
 def _recipe_error(recipe, argv, capsys) -> str:
@@ -243,7 +258,7 @@ def test_a_missing_toy_dataset_names_the_command_that_builds_it(tmp_path, monkey
     dpo = lambda argv: dpo_main("sdxl", argv)  # noqa: E731
     config = str(REPO / "recipes/configs/dpo/toy_sdxl.yaml")
     err = _recipe_error(
-        dpo, ["--config", config, "--model", str(REPO / "align/assets/toy/sdxl")], capsys
+        dpo, ["--config", config, "--model", str(REPO / "eval/toy/assets/sdxl")], capsys
     )
     assert "build it with: pickalign toy data --out outputs/toy_dpo_data" in err
 

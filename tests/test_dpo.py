@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from align.dpo import DPOConfig, draw_timesteps, lora_reference, pair_step, train
+from align.dpo import DPOConfig, pair_step, train
+from align.finetune import lora_reference
 from align.lora import (
     LoraMismatchError,
     add_lora,
@@ -27,16 +28,26 @@ from align.pairs import (
     collate_pairs,
     prepare_image,
 )
+from eval.toy.judge import ToyJudgeConfig
 from reward.data import load_pickapic
 from tests.conftest import REPO, launch
 
 
 def small(model, data, out, **overrides) -> DPOConfig:
     fields = dict(
-        model=str(model), dataset=str(data), output_dir=str(out), resolution=32, batch_size=2,
-        max_steps=4, learning_rate=1e-3, warmup_steps=0, beta=500.0, checkpointing_steps=2,
-        report_to="none", logging_steps=1,
-    )  # fmt: skip
+        model=str(model),
+        dataset=str(data),
+        output_dir=str(out),
+        resolution=32,
+        batch_size=2,
+        max_steps=4,
+        learning_rate=1e-3,
+        warmup_steps=0,
+        beta=500.0,
+        checkpointing_steps=2,
+        report_to="none",
+        logging_steps=1,
+    )
     return DPOConfig(**{**fields, **overrides})
 
 
@@ -65,41 +76,6 @@ def test_loss_by_hand():
     assert tie.loss.item() > math.log(2)  # a tie is best served by moving neither image
 
 
-def test_winner_penalty_charges_only_a_winner_worse_than_under_the_reference():
-    # Pair 1: the winner's error rose above the reference's (drift +0.05); pair 2: it fell.
-    win, lose = torch.tensor([0.20, 0.10]), torch.tensor([0.40, 0.30])
-    rw, rl = torch.tensor([0.15, 0.15]), torch.tensor([0.20, 0.20])
-    plain = diffusion_dpo_loss(win, lose, rw, rl, beta=10.0)
-    positive = diffusion_dpo_loss(win, lose, rw, rl, beta=10.0, winner_penalty=4.0)
-    margin = -5.0 * torch.tensor([(0.20 - 0.15) - (0.40 - 0.20), (0.10 - 0.15) - (0.30 - 0.20)])
-    inside = margin - 5.0 * 4.0 * torch.tensor([0.05, 0.0])
-    expected = -torch.nn.functional.logsigmoid(inside).mean()
-    assert positive.loss.item() == pytest.approx(expected.item(), rel=1e-6)
-    assert positive.loss.item() > plain.loss.item()
-    torch.testing.assert_close(positive.winner_drift, torch.tensor([0.05, -0.05]))
-    assert positive.implicit_accuracy.item() == plain.implicit_accuracy.item() == 1.0
-    # The gradient on the winner's error grows only where it drifted up.
-    w = win.clone().requires_grad_(True)
-    diffusion_dpo_loss(w, lose, rw, rl, beta=10.0, winner_penalty=4.0).loss.backward()
-    w_plain = win.clone().requires_grad_(True)
-    diffusion_dpo_loss(w_plain, lose, rw, rl, beta=10.0).loss.backward()
-    assert w.grad[0] > w_plain.grad[0] > 0
-    assert w.grad[1].item() == pytest.approx(w_plain.grad[1].item())
-
-
-def test_timestep_bias_favours_noisy_timesteps_and_1_is_the_uniform_draw():
-    uniform = draw_timesteps(64, 1000, torch.Generator().manual_seed(0))
-    assert torch.equal(
-        uniform, torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(0))
-    )
-    for bias in (2.0, 4.0):
-        t = draw_timesteps(20000, 1000, torch.Generator().manual_seed(1), bias).float()
-        assert 0 <= t.min() and t.max() <= 999
-        assert t.mean().item() == pytest.approx(1000 * bias / (bias + 1), rel=0.02)  # E[u^(1/k)]
-    with pytest.raises(ValueError, match="timestep_bias"):
-        train(DPOConfig(model="unused", dataset="unused", timestep_bias=0), "sd")
-
-
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 def test_policy_equal_to_reference_gives_log2_and_half_accuracy(tiny_models, family):
     from accelerate import Accelerator
@@ -109,8 +85,15 @@ def test_policy_equal_to_reference_gives_log2_and_half_accuracy(tiny_models, fam
     latents = torch.randn(3, 2, 4, 8, 8)
     cond = parts.encode_prompts(["a red cat", "a blue dog", "a green cube"])
     time_ids = torch.tensor([64.0, 64, 0, 0, 64, 64]).expand(3, 2, 6) if family == "sdxl" else None
-    figures = pair_step(parts.unet, lora_reference(Accelerator(cpu=True), parts.unet),
-                        parts.noise_scheduler, latents, cond, time_ids, beta=5000.0)  # fmt: skip
+    figures = pair_step(
+        parts.unet,
+        lora_reference(Accelerator(cpu=True), parts.unet),
+        parts.noise_scheduler,
+        latents,
+        cond,
+        time_ids,
+        beta=5000.0,
+    )
     assert figures["loss"].item() == pytest.approx(math.log(2), abs=1e-6)
     assert figures["implicit_accuracy"].item() == 0.5
     figures["loss"].backward()
@@ -135,8 +118,15 @@ def _perturbed_lora(unet, rank: int, alpha: float) -> None:
 
 
 def _sample(pipe):
-    out = pipe("a red circle", num_inference_steps=3, guidance_scale=3.0, height=64, width=64,
-               generator=torch.Generator().manual_seed(0), output_type="np")  # fmt: skip
+    out = pipe(
+        "a red circle",
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    )
     return out.images[0]
 
 
@@ -288,10 +278,10 @@ def test_bf16_run_holds_the_frozen_unet_in_bf16_and_trains_an_fp32_lora(
 ):
     from safetensors.torch import load_file
 
-    import align.dpo
+    import align.finetune
 
     seen = {}
-    load, add = align.dpo.load_parts, align.dpo.add_lora
+    load, add = align.finetune.load_parts, align.finetune.add_lora
 
     def recording_load_parts(*args, **kwargs):  # loaded in bf16: no transient fp32 copy
         parts = load(*args, **kwargs)
@@ -302,13 +292,21 @@ def test_bf16_run_holds_the_frozen_unet_in_bf16_and_trains_an_fp32_lora(
         add(unet, *args, **kwargs)
         seen["lora"] = {p.dtype for p in lora_parameters(unet)}
 
-    monkeypatch.setattr(align.dpo, "load_parts", recording_load_parts)
-    monkeypatch.setattr(align.dpo, "add_lora", recording_add_lora)
-    skip = align.dpo.skip_lora_input_casts
-    monkeypatch.setattr(align.dpo, "skip_lora_input_casts",
-                        lambda unet: seen.setdefault("skipped", skip(unet)))  # fmt: skip
-    config = small(tiny_models["sd"], toy_pairs, tmp_path, mixed_precision="bf16", max_steps=2,
-                   validation_split="validation", validation_steps=2)  # fmt: skip
+    monkeypatch.setattr(align.finetune, "load_parts", recording_load_parts)
+    monkeypatch.setattr(align.finetune, "add_lora", recording_add_lora)
+    skip = align.finetune.skip_lora_input_casts
+    monkeypatch.setattr(
+        align.finetune, "skip_lora_input_casts", lambda unet: seen.setdefault("skipped", skip(unet))
+    )
+    config = small(
+        tiny_models["sd"],
+        toy_pairs,
+        tmp_path,
+        mixed_precision="bf16",
+        max_steps=2,
+        validation_split="validation",
+        validation_steps=2,
+    )
     final = train(config, "sd")
     # and peft's input casts are skipped: every forward (policy, reference, validation) runs
     # under autocast, so the run does not fail on a bf16 input meeting an fp32 LoRA weight
@@ -328,8 +326,16 @@ def test_resume_repeats_the_later_losses(tiny_models, toy_pairs, tmp_path):
 
     saved = load_file(middle / "model.safetensors")  # the adapter only, not the frozen UNet
     assert saved and all("lora_" in key for key in saved)
-    train(small(tiny_models["sdxl"], toy_pairs, tmp_path / "resumed", caption_dropout=0.3,
-                resume_from_checkpoint=str(middle)), "sdxl")  # fmt: skip
+    train(
+        small(
+            tiny_models["sdxl"],
+            toy_pairs,
+            tmp_path / "resumed",
+            caption_dropout=0.3,
+            resume_from_checkpoint=str(middle),
+        ),
+        "sdxl",
+    )
     resumed = log(tmp_path / "resumed")
     assert sorted(resumed) == [3, 4]
     for step in (3, 4):
@@ -363,8 +369,18 @@ def test_ema_is_what_gets_released_and_a_resumed_run_continues_it(tiny_models, t
 def test_full_mode_saves_a_diffusers_unet(tiny_models, toy_pairs, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    final = train(small(tiny_models["sd"], toy_pairs, tmp_path, mode="full", max_steps=2,
-                        reference_offload=True, loss="dpo"), "sd")  # fmt: skip
+    final = train(
+        small(
+            tiny_models["sd"],
+            toy_pairs,
+            tmp_path,
+            mode="full",
+            max_steps=2,
+            reference_offload=True,
+            loss="dpo",
+        ),
+        "sd",
+    )
     trained = UNet2DConditionModel.from_pretrained(final / "unet")
     base = UNet2DConditionModel.from_pretrained(tiny_models["sd"], subfolder="unet")
     moved = [not torch.equal(a, b) for a, b in zip(trained.parameters(), base.parameters())]
@@ -389,12 +405,29 @@ def test_wrong_family_is_named(tiny_models, toy_pairs, tmp_path):
 @pytest.mark.parametrize("config", ["cpu_2proc.yaml", "cpu_zero2_2proc.yaml"])
 def test_two_process_runs(tiny_models, toy_pairs, tmp_path, config):
     launch(
-        config, str(REPO / "recipes" / "dpo_sd.py"),
-        "--model", str(tiny_models["sd"]), "--dataset", str(toy_pairs), "--resolution", "32",
-        "--output_dir", str(tmp_path), "--max_steps", "2", "--batch_size", "2",
-        "--learning_rate", "1e-3", "--warmup_steps", "0", "--checkpointing_steps", "0",
-        "--report_to", "none",
-    )  # fmt: skip
+        config,
+        str(REPO / "recipes" / "dpo_sd.py"),
+        "--model",
+        str(tiny_models["sd"]),
+        "--dataset",
+        str(toy_pairs),
+        "--resolution",
+        "32",
+        "--output_dir",
+        str(tmp_path),
+        "--max_steps",
+        "2",
+        "--batch_size",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--warmup_steps",
+        "0",
+        "--checkpointing_steps",
+        "0",
+        "--report_to",
+        "none",
+    )
     metrics = json.loads((tmp_path / "final" / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     assert metrics["distributed_type"] == ("DEEPSPEED" if "zero2" in config else "MULTI_CPU")
@@ -407,7 +440,9 @@ def test_two_process_runs(tiny_models, toy_pairs, tmp_path, config):
 def test_shipped_configs_parse(name):
     from reward.runtime import parse_config
 
-    config = parse_config(DPOConfig, ["--config", str(REPO / "recipes/configs/dpo" / name)])
+    config, _ = parse_config(
+        (DPOConfig, ToyJudgeConfig), ["--config", str(REPO / "recipes/configs/dpo" / name)]
+    )
     if "pickapic_v2" in name:  # the paper's batch and learning rate
         assert config.pairs_per_step == 2048 and config.max_steps == 2000
         assert config.learning_rate * config.pairs_per_step == pytest.approx(2.048e-5)
@@ -420,8 +455,9 @@ def test_the_command_line_switches_off_a_validation_split_the_config_sets(off):
     from reward.runtime import parse_config
 
     toy = ["--config", str(REPO / "recipes/configs/dpo/toy_sd.yaml")]
-    assert parse_config(DPOConfig, toy).validation_split == "validation"
-    assert parse_config(DPOConfig, [*toy, "--validation_split", off]).validation_split is None
+    both = (DPOConfig, ToyJudgeConfig)
+    assert parse_config(both, toy)[0].validation_split == "validation"
+    assert parse_config(both, [*toy, "--validation_split", off])[0].validation_split is None
 
 
 def test_a_pair_with_a_missing_image_follows_the_data_policy(toy_pairs, tmp_path):
@@ -448,9 +484,18 @@ def test_anchored_pairs_hold_the_prediction_at_the_reference(tiny_models):
     anchor = torch.tensor([True, False, False])
 
     def step(weight=10.0):
-        return pair_step(parts.unet, reference, parts.noise_scheduler, latents, cond, None,
-                         beta=5000.0, anchor=anchor, anchor_weight=weight,
-                         generator=torch.Generator().manual_seed(0))  # fmt: skip
+        return pair_step(
+            parts.unet,
+            reference,
+            parts.noise_scheduler,
+            latents,
+            cond,
+            None,
+            beta=5000.0,
+            anchor=anchor,
+            anchor_weight=weight,
+            generator=torch.Generator().manual_seed(0),
+        )
 
     at_init = step()
     assert at_init["anchor_mse"].item() == 0
@@ -464,69 +509,24 @@ def test_anchored_pairs_hold_the_prediction_at_the_reference(tiny_models):
     assert extra == pytest.approx(10.0 * moved["anchor_mse"].item(), rel=1e-4)
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl"])
-def test_guided_dpo_scores_the_guided_predictions(tiny_models, family):
-    """train_guidance s: the DPO terms compare u_ref + s (c - u_ref) of policy and reference,
-    computed here by hand from the UNet itself; s = 1 is plain DPO, and policy == reference
-    still gives log 2."""
-    from accelerate import Accelerator
-
-    from align.lora import adapters_disabled
-    from align.losses import per_sample_mse
-    from align.models import unet_forward
-
-    parts = load_parts(str(tiny_models[family]))
-    add_lora(parts.unet, rank=4)
-    reference = lora_reference(Accelerator(cpu=True), parts.unet)
-    latents = torch.randn(3, 2, 4, 8, 8)
-    cond = parts.encode_prompts(["a red cat", "a blue dog", "a green cube"])
-    empty = parts.encode_prompts([""])
-    time_ids = torch.tensor([64.0, 64, 0, 0, 64, 64]).expand(3, 2, 6) if family == "sdxl" else None
-
-    def step(guidance):
-        return pair_step(parts.unet, reference, parts.noise_scheduler, latents, cond, time_ids,
-                         beta=500.0, generator=torch.Generator().manual_seed(0),
-                         guidance=guidance, uncond=empty)  # fmt: skip
-
-    assert step(4.0)["loss"].item() == pytest.approx(math.log(2), abs=1e-6)
-    with torch.no_grad():
-        for p in lora_parameters(parts.unet):
-            p.add_(torch.randn_like(p) * 0.1)
-    plain, guided = step(1.0), step(4.0)
-
-    generator = torch.Generator().manual_seed(0)  # the draws pair_step makes, in its order
-    noise = torch.randn(3, 4, 8, 8, generator=generator).repeat(2, 1, 1, 1)
-    t = draw_timesteps(3, 1000, generator).repeat(2)
-    both = latents.transpose(0, 1).flatten(0, 1)
-    noisy = parts.noise_scheduler.add_noise(both, noise, t)
-    ids = None if time_ids is None else time_ids.transpose(0, 1).flatten(0, 1)
-    with torch.no_grad():
-        c = unet_forward(parts.unet, noisy, t, cond.repeat(2), ids)
-        with adapters_disabled(parts.unet):
-            c_ref = unet_forward(parts.unet, noisy, t, cond.repeat(2), ids)
-            u_ref = unet_forward(parts.unet, noisy, t, empty.repeat(6), ids)
-
-    def loss(policy, ref):
-        mse = [per_sample_mse(x, noise).chunk(2) for x in (policy, ref)]
-        return diffusion_dpo_loss(*mse[0], *mse[1], beta=500.0).loss.item()
-
-    guided_by_hand = loss(u_ref + 4 * (c - u_ref), u_ref + 4 * (c_ref - u_ref))
-    assert guided["loss"].item() == pytest.approx(guided_by_hand, rel=1e-4)
-    assert plain["loss"].item() == pytest.approx(loss(c, c_ref), rel=1e-4)
-    assert guided["loss"].item() != pytest.approx(plain["loss"].item(), rel=1e-3)
-    guided["loss"].backward()
-    assert any(p.grad.abs().sum() > 0 for p in lora_parameters(parts.unet))
-
-
-def test_guided_training_runs_on_cached_prompts_and_validates_the_same_loss(
-    tiny_models, toy_pairs, tmp_path
-):
-    """The cache stores the empty prompt in fp16 and hands it out in fp32 like its pairs; guided
-    training and validation on it start at log 2 (policy == reference) and move the LoRA."""
-    final = train(small(tiny_models["sdxl"], toy_pairs, tmp_path, cache_dir=str(tmp_path / "c"),
-                        train_guidance=3.0, caption_dropout=0.3, uncond_anchor=10.0,
-                        validation_split="validation", validation_steps=1, max_steps=2),
-                  "sdxl")  # fmt: skip
+def test_caption_dropout_runs_on_cached_prompts_and_validates(tiny_models, toy_pairs, tmp_path):
+    """The cache stores the unconditional embedding (zeros for SDXL) in fp16 and hands it out in
+    fp32 like its pairs; training with dropout and the anchor starts at log 2 (policy ==
+    reference) and moves the LoRA."""
+    final = train(
+        small(
+            tiny_models["sdxl"],
+            toy_pairs,
+            tmp_path,
+            cache_dir=str(tmp_path / "c"),
+            caption_dropout=0.3,
+            uncond_anchor=10.0,
+            validation_split="validation",
+            validation_steps=1,
+            max_steps=2,
+        ),
+        "sdxl",
+    )
     rows = log_rows(tmp_path)
     train_loss = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
     val_loss = {r["step"]: r["val/loss"] for r in rows if "val/loss" in r}
@@ -541,14 +541,29 @@ def test_a_short_run_learns_the_oracle_preference_on_held_out_prompts(tmp_path):
     """Learning, not only running: from the shipped toy-sd base, a short LoRA run on oracle-labelled
     renders makes the policy rank pairs of held-out prompts (never trained on) the oracle's way
     more often than the reference does (0.5 by construction), with a loss under log 2."""
-    from align.toy_data import generate_toy_dataset
+    from eval.toy.data import generate_toy_dataset
 
-    generate_toy_dataset(tmp_path / "data", seed=0, prompts=100, pairs_per_prompt=4,
-                         eval_pairs_per_prompt=4, base_models={})  # fmt: skip
-    config = small(REPO / "align/assets/toy/sd", tmp_path / "data", tmp_path / "run",
-                   batch_size=16, max_steps=30, beta=2000.0, lora_rank=16,
-                   checkpointing_steps=0, cache_dir=str(tmp_path / "cache"),
-                   validation_split="validation", validation_steps=15)  # fmt: skip
+    generate_toy_dataset(
+        tmp_path / "data",
+        seed=0,
+        prompts=100,
+        pairs_per_prompt=4,
+        eval_pairs_per_prompt=4,
+        base_models={},
+    )
+    config = small(
+        REPO / "eval/toy/assets/sd",
+        tmp_path / "data",
+        tmp_path / "run",
+        batch_size=16,
+        max_steps=30,
+        beta=2000.0,
+        lora_rank=16,
+        checkpointing_steps=0,
+        cache_dir=str(tmp_path / "cache"),
+        validation_split="validation",
+        validation_steps=15,
+    )
     final = train(config, "sd")
     validation = json.loads((final / "metrics.json").read_text())["validation"]
     assert validation["split"] == "validation" and validation["pairs"] >= 100  # 129 decided

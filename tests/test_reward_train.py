@@ -10,9 +10,17 @@ from tests.conftest import REPO, launch
 
 def small(toy_pairs, out, **overrides) -> RewardConfig:
     fields = dict(
-        from_scratch=True, dataset=str(toy_pairs), output_dir=str(out), batch_size=4, max_steps=6,
-        warmup_steps=2, learning_rate=1e-3, eval_steps=0, checkpointing_steps=3, report_to="none",
-    )  # fmt: skip
+        from_scratch=True,
+        dataset=str(toy_pairs),
+        output_dir=str(out),
+        batch_size=4,
+        max_steps=6,
+        warmup_steps=2,
+        learning_rate=1e-3,
+        eval_steps=0,
+        checkpointing_steps=3,
+        report_to="none",
+    )
     return RewardConfig(**{**fields, **overrides})
 
 
@@ -59,11 +67,25 @@ def test_nan_loss_stops_with_the_step(toy_pairs, tmp_path):
 @pytest.mark.parametrize("config", ["cpu_2proc.yaml", "cpu_zero2_2proc.yaml"])
 def test_two_process_runs(toy_pairs, tmp_path, config):
     launch(
-        config, str(REPO / "recipes" / "train_reward.py"),
-        "--config", str(REPO / "recipes/configs/reward/toy.yaml"), "--dataset", str(toy_pairs),
-        "--output_dir", str(tmp_path), "--max_steps", "3", "--batch_size", "4", "--eval_steps", "0",
-        "--checkpointing_steps", "0", "--report_to", "none",
-    )  # fmt: skip
+        config,
+        str(REPO / "recipes" / "train_reward.py"),
+        "--config",
+        str(REPO / "recipes/configs/reward/toy.yaml"),
+        "--dataset",
+        str(toy_pairs),
+        "--output_dir",
+        str(tmp_path),
+        "--max_steps",
+        "3",
+        "--batch_size",
+        "4",
+        "--eval_steps",
+        "0",
+        "--checkpointing_steps",
+        "0",
+        "--report_to",
+        "none",
+    )
     metrics = json.loads((tmp_path / "final" / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     assert metrics["distributed_type"] == ("DEEPSPEED" if "zero2" in config else "MULTI_CPU")

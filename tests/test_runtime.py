@@ -123,10 +123,12 @@ def test_resume_gives_the_same_later_losses(tmp_path):
     torch.manual_seed(12345)  # the checkpoint, not the caller's RNG, must decide what follows
     resumed = train_toy(
         ToyConfig(
-            output_dir=str(tmp_path / "b"), max_steps=8, checkpointing_steps=4,
+            output_dir=str(tmp_path / "b"),
+            max_steps=8,
+            checkpointing_steps=4,
             resume_from_checkpoint="latest",
         )
-    )  # fmt: skip
+    )
     assert sorted(resumed) == [5, 6, 7, 8]
     assert resumed == pytest.approx({s: full[s] for s in range(5, 9)}, rel=1e-6)
 
@@ -147,9 +149,13 @@ def test_checkpoints_rotate_and_partial_ones_are_ignored(tmp_path):
 
 def test_resume_latest_without_checkpoints_starts_fresh(tmp_path):
     losses = train_toy(
-        ToyConfig(output_dir=str(tmp_path), max_steps=2, resume_from_checkpoint="latest",
-                  checkpointing_steps=0)
-    )  # fmt: skip
+        ToyConfig(
+            output_dir=str(tmp_path),
+            max_steps=2,
+            resume_from_checkpoint="latest",
+            checkpointing_steps=0,
+        )
+    )
     assert sorted(losses) == [1, 2]
 
 

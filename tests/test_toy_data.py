@@ -1,6 +1,6 @@
 import pytest
 
-from align.toy_data import generate_toy_dataset, shipped_toy_models, with_wrong_attributes
+from eval.toy.data import generate_toy_dataset, shipped_toy_models, with_wrong_attributes
 from reward.data import PICKAPIC_COLUMNS, SPLITS, DataReport, iter_pairs, load_pickapic
 from reward.toyworld import Attributes, prefer
 
@@ -17,8 +17,12 @@ def test_all_five_splits_with_the_19_columns(toy_data):
 
     out, sizes = toy_data
     assert sizes == {
-        "train": 18, "validation": 100, "test": 400, "validation_unique": 50, "test_unique": 200,
-    }  # fmt: skip
+        "train": 18,
+        "validation": 100,
+        "test": 400,
+        "validation_unique": 50,
+        "test_unique": 200,
+    }
     for split in SPLITS:
         files = str(out / "data" / f"{split}-*.parquet")
         ds = datasets.load_dataset("parquet", data_files={split: files}, split=split)
@@ -81,8 +85,15 @@ def test_wrong_attributes_change_exactly_that_many():
 def test_base_model_samples_join_the_mix(tmp_path):
     models = shipped_toy_models()
     assert set(models) == {"toy-sd", "toy-sdxl"}, "the toy base models must ship with pickalign"
-    generate_toy_dataset(tmp_path, seed=0, prompts=4, pairs_per_prompt=4, eval_pairs_per_prompt=1,
-                         base_models={"toy-sd": models["toy-sd"]}, sample_steps=4)  # fmt: skip
+    generate_toy_dataset(
+        tmp_path,
+        seed=0,
+        prompts=4,
+        pairs_per_prompt=4,
+        eval_pairs_per_prompt=1,
+        base_models={"toy-sd": models["toy-sd"]},
+        sample_steps=4,
+    )
     train = load_pickapic(tmp_path, "train")
     sources = set(train["model_0"]) | set(train["model_1"])
     assert "toy-sd" in sources and "render" in sources
@@ -99,11 +110,11 @@ def test_a_source_mix_uses_only_its_sources(tmp_path):
 
 
 def test_base_models_can_be_swapped_for_a_retrained_one(tmp_path):
-    from align.toy_data import with_base_models
     from eval.cli import main as cli
+    from eval.toy.data import with_base_models
     from tests.conftest import REPO
 
-    retrained = REPO / "align" / "assets" / "toy" / "sdxl"  # any pipeline folder will do
+    retrained = REPO / "eval" / "toy" / "assets" / "sdxl"  # any pipeline folder will do
     models = with_base_models({"toy-sd": retrained})
     assert models["toy-sd"] == retrained and models["toy-sdxl"] == shipped_toy_models()["toy-sdxl"]
     with pytest.raises(ValueError, match="no model_index.json"):

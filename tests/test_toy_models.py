@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from align.pretrain_toy import vae_round_trip
 from align.sampling import generate
-from align.toy_data import shipped_toy_models
-from eval.oracle import oracle_accuracy
+from eval.toy.data import shipped_toy_models
+from eval.toy.judge import oracle_accuracy
+from eval.toy.pretrain import vae_round_trip
 from reward.toyworld import prompt_splits, read_image
 
 MODELS = shipped_toy_models()
@@ -50,7 +50,7 @@ AGREEMENT_TOLERANCE = 0.06
 def test_stock_pipeline_samples_a_shipped_base_as_pretraining_measured(name):
     from diffusers import DiffusionPipeline
 
-    from align.pretrain_toy import VALIDATION_FILE
+    from eval.toy.pretrain import VALIDATION_FILE
     from reward.toyworld import adherence, judge
 
     measured = json.loads((MODELS[name] / VALIDATION_FILE).read_text())

@@ -93,3 +93,25 @@ def test_adherence_figures():
     assert figures["all_correct"] == 0.25 and figures["mean_attributes"] == 6 / 12
     assert figures["unreadable"] == 0.25
     assert [figures[a] for a in ATTRIBUTE_NAMES] == [0.5, 0.25, 0.75]
+
+
+def test_oracle_reward_counts_attributes_for_pil_arrays_and_tensors():
+    import torch
+
+    from reward.toyworld import OracleReward
+
+    rng = np.random.default_rng(0)
+    wanted = Attributes("red", "circle", "blue")
+    images = [
+        render(wanted, rng),
+        render(Attributes("green", "circle", "blue"), rng),  # colour wrong
+        render(Attributes("green", "square", "yellow"), rng),  # all wrong
+    ]
+    scores = OracleReward().score(wanted.prompt, images)
+    assert scores.tolist() == [3.0, 2.0, 0.0]
+    arrays = [np.array(image) for image in images]
+    tensors = [torch.from_numpy(a).permute(2, 0, 1).float() / 255 for a in arrays]
+    assert OracleReward().score([wanted.prompt] * 3, arrays).tolist() == [3.0, 2.0, 0.0]
+    assert OracleReward().score(wanted.prompt, tensors).tolist() == [3.0, 2.0, 0.0]
+    with pytest.raises(ValueError, match="2 prompts for 3 images"):
+        OracleReward().score([wanted.prompt] * 2, images)

@@ -38,7 +38,7 @@ def test_unpaired_scores_are_refused():
 
 
 def test_toy_judging_takes_held_out_splits_only():
-    from eval.oracle import aligned_vs_base
+    from eval.toy.judge import aligned_vs_base
 
     with pytest.raises(ValueError, match="'validation' or 'test', got 'train'"):
         aligned_vs_base("unused", "unused", split="train")  # the bases trained on these prompts
@@ -51,10 +51,10 @@ def test_judging_several_folders_matches_judging_each_alone(tmp_path):
     from diffusers import DiffusionPipeline
 
     from align.lora import add_lora, lora_parameters, save_lora
-    from eval.oracle import aligned_vs_base
+    from eval.toy.judge import aligned_vs_base
     from tests.conftest import REPO
 
-    base = REPO / "align" / "assets" / "toy" / "sd"
+    base = REPO / "eval" / "toy" / "assets" / "sd"
     folders = []
     for k in range(2):
         unet = DiffusionPipeline.from_pretrained(base).unet
@@ -75,7 +75,7 @@ def test_judging_several_folders_matches_judging_each_alone(tmp_path):
 
 def test_compare_counts_fixed_and_broken_attributes():
     """The win rate nets fixes against breakages; the per-attribute counts keep both."""
-    from eval.oracle import oracle_compare
+    from eval.toy.judge import oracle_compare
     from reward.toyworld import Attributes, render
 
     rng = np.random.default_rng(4)
@@ -101,24 +101,25 @@ def test_toy_run_judging_writes_metrics_and_card(tmp_path, capsys):
     """After a toy run the report lands in metrics.json and a line in the model card; a LoRA
     that changes nothing (zero-initialised B) ties with its base everywhere."""
     import json
-    from types import SimpleNamespace
 
     from diffusers import DiffusionPipeline
 
     from align.lora import add_lora, save_lora
-    from eval.oracle import judge_toy_run
+    from eval.toy.judge import ToyJudgeConfig, judge_toy_run
     from tests.conftest import REPO
 
-    base = REPO / "align" / "assets" / "toy" / "sd"
+    base = REPO / "eval" / "toy" / "assets" / "sd"
     unet = DiffusionPipeline.from_pretrained(base).unet
     add_lora(unet, rank=4)
     final = tmp_path / "final"
     save_lora(unet, final)
     (final / "README.md").write_text("# card\n")
     (final / "metrics.json").write_text(json.dumps({"steps": 3}))
-    config = SimpleNamespace(model=str(base), toy_eval_prompts=3, toy_eval_seeds=1,
-                             sample_steps=5, guidance_scale=5.0, toy_eval_split="validation")  # fmt: skip
-    report = judge_toy_run(config, final)
+    judge = ToyJudgeConfig(
+        toy_eval_prompts=3, toy_eval_seeds=1, toy_eval_steps=5, toy_eval_split="validation"
+    )
+    assert judge_toy_run(base, final, ToyJudgeConfig()) is None  # off unless asked
+    report = judge_toy_run(base, final, judge)
     metrics = json.loads((final / "metrics.json").read_text())
     assert metrics["steps"] == 3 and metrics["toy_eval"] == report
     assert report["win_rate"]["ties"] == 3 and report["win_rate"]["estimate"] == 0.5

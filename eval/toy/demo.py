@@ -9,16 +9,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from align.sampling import generate
-from align.toy_data import generate_toy_dataset, shipped_toy_models
-from eval.oracle import oracle_compare
+from eval.toy.data import generate_toy_dataset, shipped_toy_models
+from eval.toy.judge import oracle_compare, sample_held_out
 from reward.data import inspect_split
-from reward.toyworld import ATTRIBUTE_NAMES, judge, prompt_splits
+from reward.runtime import atomic_write_json
+from reward.toyworld import ATTRIBUTE_NAMES, judge
 
 CELL = 96
 
@@ -52,7 +51,7 @@ def run_demo(out: Path, prompts: int = 200, grid_rows: int = 12) -> Path:
     models = shipped_toy_models()
     if set(models) != {"toy-sd", "toy-sdxl"}:
         raise FileNotFoundError(
-            f"the toy base models are missing from {Path(__file__).parents[1] / 'align/assets/toy'}; "
+            f"the toy base models are missing from {Path(__file__).parent / 'assets'}; "
             "rebuild them with recipes/pretrain_toy.py"
         )
     data = out / "toy_pickapic"
@@ -61,12 +60,12 @@ def run_demo(out: Path, prompts: int = 200, grid_rows: int = 12) -> Path:
         generate_toy_dataset(data)
     print(inspect_split(data, "train", progress=False).summary())
 
-    test = [a.prompt for a in prompt_splits()["test"][:prompts]]
-    seeds = list(range(len(test)))
     samples = {}
     for name, folder in models.items():
-        print(f"sampling {name} on {len(test)} held-out prompts ...")
-        samples[name] = generate(DiffusionPipeline.from_pretrained(folder), test, seeds)
+        print(f"sampling {name} on {prompts} held-out prompts ...")
+        test, samples[name] = sample_held_out(
+            DiffusionPipeline.from_pretrained(folder), "test", prompts
+        )
     result = oracle_compare(test, samples["toy-sdxl"], samples["toy-sd"])
     report = {
         "prompts": len(test),
@@ -75,7 +74,7 @@ def run_demo(out: Path, prompts: int = 200, grid_rows: int = 12) -> Path:
         "changes_sdxl_over_sd": result["changes"],
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    atomic_write_json(out / "report.json", report)
     grid_path = out / "base_samples.png"
     verdict_grid(test[:grid_rows], {n: s[:grid_rows] for n, s in samples.items()}).save(grid_path)
 

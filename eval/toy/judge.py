@@ -4,13 +4,55 @@ one set over another on the same prompts and seeds."""
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from eval.winrate import win_rate
+from reward.runtime import atomic_write_json, atomic_write_text, check_fields
 from reward.toyworld import ATTRIBUTE_NAMES, adherence, all_attributes, judge, read_image, render
+
+
+def held_out_split(split: str) -> str:
+    """``split`` when it is one the toy bases never trained on."""
+    if split not in ("validation", "test"):
+        raise ValueError(f"split must be 'validation' or 'test', got {split!r}")
+    return split
+
+
+def sample_held_out(
+    pipe,
+    split: str = "test",
+    prompts: int = 200,
+    seeds_per_prompt: int = 1,
+    steps: int = 20,
+    guidance_scale: float = 5.0,
+    first_seed: int = 0,
+    conditioning=None,
+    progress: bool = False,
+) -> tuple[list[str], list[Image.Image]]:
+    """The one way the toy world samples a model on held-out prompts: the first ``prompts``
+    prompts of ``split`` ("test" for figures, "validation" for choices), seed
+    ``first_seed + k * seeds_per_prompt + j`` for prompt k, so every model compared sees the same
+    noise. Returns the prompt of each image and the images. ``conditioning``: embeddings to
+    sample with instead of the pipeline's own encoding (``align.sampling.generate``)."""
+    from align.sampling import generate
+    from reward.toyworld import prompt_splits
+
+    held_out = prompt_splits()[held_out_split(split)][:prompts]
+    texts = [a.prompt for a in held_out for _ in range(seeds_per_prompt)]
+    seeds = list(range(first_seed, first_seed + len(texts)))
+    images = generate(
+        pipe, texts, seeds, steps, guidance_scale, progress=progress, conditioning=conditioning
+    )
+    return texts, images
+
+
+def judged_adherence(texts: list[str], images: list[Image.Image]) -> dict:
+    """The oracle's adherence figures of images answering ``texts``."""
+    return adherence([judge(text, image) for text, image in zip(texts, images)])
 
 
 def oracle_compare(
@@ -24,8 +66,9 @@ def oracle_compare(
         raise ValueError(f"{len(prompts)} prompts, {len(images_a)} and {len(images_b)} images")
     verdicts_a = [judge(p, image) for p, image in zip(prompts, images_a)]
     verdicts_b = [judge(p, image) for p, image in zip(prompts, images_b)]
-    rate = win_rate([v.score for v in verdicts_a], [v.score for v in verdicts_b], seed=seed,
-                    groups=prompts)  # fmt: skip
+    rate = win_rate(
+        [v.score for v in verdicts_a], [v.score for v in verdicts_b], seed=seed, groups=prompts
+    )
     return {
         "win_rate": rate,
         "a": adherence(verdicts_a),
@@ -100,19 +143,13 @@ def aligned_vs_base(
     from diffusers import DiffusionPipeline, UNet2DConditionModel
 
     from align.lora import WEIGHT_NAME, load_lora
-    from align.sampling import generate
-    from reward.toyworld import prompt_splits
 
-    splits = prompt_splits()
-    if split not in ("validation", "test"):
-        raise ValueError(f"split must be 'validation' or 'test', got {split!r}")
+    held_out_split(split)
     folders = [Path(aligned)] if isinstance(aligned, (str, Path)) else [Path(a) for a in aligned]
-    held_out = splits[split][:prompts]
-    texts = [a.prompt for a in held_out for _ in range(seeds_per_prompt)]
-    seeds = list(range(len(texts)))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = DiffusionPipeline.from_pretrained(base).to(device)
-    base_images = generate(pipe, texts, seeds, steps, guidance_scale, progress=True)
+    sampling = (split, prompts, seeds_per_prompt, steps, guidance_scale)
+    texts, base_images = sample_held_out(pipe, *sampling, progress=True)
     base_unet, reports = pipe.unet, []
     for folder in folders:
         lora = (folder / WEIGHT_NAME).exists()
@@ -120,51 +157,90 @@ def aligned_vs_base(
             load_lora(pipe, folder)
         else:
             pipe.unet = UNet2DConditionModel.from_pretrained(folder / "unet").to(device)
-        aligned_images = generate(pipe, texts, seeds, steps, guidance_scale, progress=True)
+        _, aligned_images = sample_held_out(pipe, *sampling, progress=True)
         if lora:  # back to the base for the next folder
             pipe.unload_lora_weights()
         else:
             pipe.unet = base_unet
         result = oracle_compare(texts, aligned_images, base_images)
-        reports.append({
-            "aligned_folder": str(folder),
-            "win_rate": result["win_rate"].as_dict(),
-            "aligned": result["a"],
-            "base": result["b"],
-            "changes": result["changes"],
-            "prompts": len(held_out),
-            "split": split,
-            "seeds_per_prompt": seeds_per_prompt,
-            "sampling": {"steps": steps, "guidance_scale": guidance_scale, "device": device},
-        })  # fmt: skip
+        reports.append(
+            {
+                "aligned_folder": str(folder),
+                "win_rate": result["win_rate"].as_dict(),
+                "aligned": result["a"],
+                "base": result["b"],
+                "changes": result["changes"],
+                "prompts": len(texts) // seeds_per_prompt,
+                "split": split,
+                "seeds_per_prompt": seeds_per_prompt,
+                "sampling": {"steps": steps, "guidance_scale": guidance_scale, "device": device},
+            }
+        )
     return reports if isinstance(aligned, list) else reports[0]
 
 
-def judge_toy_run(config, final: str | Path) -> dict | None:
-    """After a toy alignment run: when ``config.toy_eval_prompts`` is set, judge the aligned model
-    against its base (``config.model``) on the main process, print the win rate and add it to the
-    run's ``metrics.json`` and model card."""
-    import json
-    import os
+@dataclass
+class ToyJudgeConfig:
+    """Toy world: judge an alignment run's final model against its base with the oracle. It sits
+    beside a method's config in the toy recipes' YAML (``toy_eval_*`` keys)."""
 
-    if not getattr(config, "toy_eval_prompts", 0) or int(os.environ.get("RANK", "0")) != 0:
+    toy_eval_prompts: int = field(
+        default=0,
+        metadata={
+            "range": ">= 0",
+            "help": "Judge on this many held-out prompts at the end (0: off).",
+        },
+    )
+    toy_eval_seeds: int = field(default=1, metadata={"range": "> 0", "help": "Seeds per prompt."})
+    toy_eval_split: str = field(
+        default="test",
+        metadata={
+            "choices": ("test", "validation"),
+            "help": "Judge on 'test' prompts (figures), or 'validation' (choosing settings).",
+        },
+    )
+    toy_eval_steps: int = field(default=20, metadata={"range": "> 0", "help": "Sampling steps."})
+    toy_eval_guidance: float = field(default=5.0, metadata={"range": ">= 1", "help": "Guidance."})
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+def judge_toy_run(base: str | Path, final: str | Path, judge: ToyJudgeConfig) -> dict | None:
+    """After a toy alignment run: when ``judge.toy_eval_prompts`` is set, judge the aligned model
+    in ``final`` against its ``base`` on the main process (as accelerate knows it), print the win
+    rate and add it to the run's ``metrics.json`` and model card, each written atomically."""
+    import json
+
+    from accelerate import PartialState
+
+    if not judge.toy_eval_prompts or not PartialState().is_main_process:
         return None
     final = Path(final)
-    report = aligned_vs_base(config.model, final, config.toy_eval_prompts, config.toy_eval_seeds,
-                             config.sample_steps, config.guidance_scale,
-                             split=getattr(config, "toy_eval_split", "test"))  # fmt: skip
+    report = aligned_vs_base(
+        base,
+        final,
+        judge.toy_eval_prompts,
+        judge.toy_eval_seeds,
+        judge.toy_eval_steps,
+        judge.toy_eval_guidance,
+        split=judge.toy_eval_split,
+    )
     metrics_path = final / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     metrics["toy_eval"] = report
-    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
-    rate = report["win_rate"]
-    line = (f"- toy world: oracle win rate over the base {rate['estimate']:.3f} "
-            f"[95% CI {rate['low']:.3f}, {rate['high']:.3f}] on {report['prompts']} held-out {report['split']} prompts"
-            f" x {report['seeds_per_prompt']} seeds; all attributes right "
-            f"{report['base']['all_correct']:.3f} -> {report['aligned']['all_correct']:.3f}; fixed / broken "
-            + ", ".join(f"{k} {v['fixed']} / {v['broken']}" for k, v in report["changes"].items()))  # fmt: skip
+    atomic_write_json(metrics_path, metrics)
+    rate, changes = report["win_rate"], report["changes"]
+    line = (
+        f"toy world: oracle win rate over the base {rate['estimate']:.3f} "
+        f"[95% CI {rate['low']:.3f}, {rate['high']:.3f}] on {report['prompts']} held-out "
+        f"{report['split']} prompts x {report['seeds_per_prompt']} seeds; all attributes right "
+        f"{report['base']['all_correct']:.3f} -> {report['aligned']['all_correct']:.3f}; "
+        "fixed / broken "
+        + ", ".join(f"{k} {v['fixed']} / {v['broken']}" for k, v in changes.items())
+    )
     card = final / "README.md"
     if card.exists():
-        card.write_text(card.read_text() + line + "\n")
-    print(line[2:])
+        atomic_write_text(card, card.read_text() + f"- {line}\n")
+    print(line)
     return report

@@ -28,7 +28,7 @@ from align.sampling import generate
 from reward.data import write_split
 from reward.toyworld import COLOURS, SHAPES, Attributes, prefer, prompt_splits, render
 
-TOY_MODELS = Path(__file__).parent / "assets" / "toy"
+TOY_MODELS = Path(__file__).parent / "assets"
 RENDER_SOURCES = {"render": 0, "render-wrong-1": 1, "render-wrong-2": 2}
 # Share of each image source; base-model sources only where a base model is available.
 SOURCE_WEIGHTS = {"render": 0.2, "render-wrong-1": 0.2, "render-wrong-2": 0.1, "base": 0.5}
@@ -51,8 +51,10 @@ def with_base_models(overrides: dict[str, str | Path]) -> dict[str, Path]:
     for name, folder in overrides.items():
         folder = Path(folder)
         if not _is_pipeline(folder):
-            raise ValueError(f"base model {name!r}: {folder} is not a diffusers pipeline folder "
-                             "(no model_index.json)")  # fmt: skip
+            raise ValueError(
+                f"base model {name!r}: {folder} is not a diffusers pipeline folder "
+                "(no model_index.json)"
+            )
         if name in RENDER_SOURCES or name == "base":
             raise ValueError(f"base model name {name!r} is taken by a render source")
         models[name] = folder

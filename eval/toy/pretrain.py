@@ -16,7 +16,6 @@ oracle on the held-out test prompts (``<output_dir>/metrics.json``).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,18 +26,20 @@ import torch.nn.functional as F
 from PIL import Image
 
 from align.models import Conditioning, unconditional, zeros_for_empty_prompt
-from align.sampling import generate
 from align.text import sd_context, sdxl_context, sdxl_time_ids, tokenize
+from eval.toy.judge import judged_adherence, sample_held_out
 from reward.runtime import (
     RunConfig,
     atomic_path,
     atomic_write_json,
     check_finite,
     make_accelerator,
+    make_optimizer,
     maybe_resume,
     progress_bar,
     save_checkpoint,
     seed_everything,
+    warmup_schedule,
     write_config,
 )
 from reward.toyworld import IMAGE_SIZE, all_attributes, prompt_splits, render
@@ -246,15 +247,6 @@ def render_pool(attributes, count: int, seed: int) -> tuple[torch.Tensor, list[i
 # Training
 
 
-def _lr_lambda(warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    return factor
-
-
 def train_vae(config: PretrainToyConfig, folder: Path) -> Path:
     """Stage 1: train and save the VAE to ``folder``; returns it. Resumable."""
 
@@ -267,8 +259,8 @@ def train_vae(config: PretrainToyConfig, folder: Path) -> Path:
     pool, _ = render_pool(all_attributes(), config.vae_pool, config.seed)
     torch.manual_seed(config.seed)
     vae = toy_vae()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_learning_rate)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(50, config.vae_steps))
+    optimizer = make_optimizer("adamw", vae.parameters(), config.vae_learning_rate, 1e-2)
+    scheduler = warmup_schedule(optimizer, 50, config.vae_steps, "cosine")
     vae, optimizer, scheduler = accelerator.prepare(vae, optimizer, scheduler)
     start = maybe_resume(accelerator, stage)["step"]
     bar = progress_bar(accelerator, config.vae_steps, start, desc="vae")
@@ -364,10 +356,8 @@ def train(config: PretrainToyConfig) -> Path:
             encoder.requires_grad_(False)
     noise_scheduler = DDPMScheduler.from_config(toy_scheduler().config)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=1e-2)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(config.warmup_steps, config.max_steps)
-    )
+    optimizer = make_optimizer("adamw", trainable, config.learning_rate, 1e-2)
+    scheduler = warmup_schedule(optimizer, config.warmup_steps, config.max_steps, "cosine")
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     start = maybe_resume(accelerator, config)["step"]
     bar = progress_bar(accelerator, config.max_steps, start, desc=f"unet ({config.family})")
@@ -447,35 +437,32 @@ def train(config: PretrainToyConfig) -> Path:
 def validation_adherence(model: ToyDenoiser, vae, text: dict, config: PretrainToyConfig) -> float:
     """Share of the 50 validation prompts (seed i for prompt i) with every attribute right,
     sampled as trained: prompts and the unconditional branch embedded by ``model.conditioning``,
-    so this measures what training taught. ``tests/test_toy.py`` checks that the stock pipeline
-    samples the shipped bases the same way."""
-    from reward.toyworld import adherence, judge
-
+    so this measures what training taught. ``tests/test_toy_models.py`` checks that the stock
+    pipeline samples the shipped bases the same way."""
     model.eval()
     pipe = assemble_pipeline(config.family, model.unet, vae, text)
-    prompts = prompt_splits()["validation"]
+    prompts = [a.prompt for a in prompt_splits()["validation"]]
     device = model.time_ids.device
-    cond = model.conditioning(tokenize(text["tokenizer"], [a.prompt for a in prompts]).to(device))
-    uncond = model.conditioning(
-        tokenize(text["tokenizer"], [""]).to(device), torch.ones(1, dtype=torch.bool, device=device)
+    cond = model.conditioning(tokenize(text["tokenizer"], prompts).to(device))
+    dropped = torch.ones(1, dtype=torch.bool, device=device)
+    uncond = model.conditioning(tokenize(text["tokenizer"], [""]).to(device), dropped)
+    sampled = sample_held_out(
+        pipe,
+        "validation",
+        len(prompts),
+        steps=config.eval_sampling_steps,
+        guidance_scale=config.guidance_scale,
+        conditioning=(cond, uncond),
     )
-    images = generate(
-        pipe, [a.prompt for a in prompts], list(range(len(prompts))),
-        config.eval_sampling_steps, config.guidance_scale, conditioning=(cond, uncond),
-    )  # fmt: skip
     model.train()
-    return adherence([judge(a, image) for a, image in zip(prompts, images)])["all_correct"]
+    return judged_adherence(*sampled)["all_correct"]
 
 
 def evaluate_base(folder: Path, prompts: int, steps: int, guidance_scale: float) -> dict:
     """Oracle adherence of a saved toy pipeline on the first ``prompts`` held-out test prompts
-    (seed i for prompt i)."""
-    from reward.toyworld import adherence, judge
-
+    (seed i for prompt i), sampled by the stock pipeline."""
     pipe = load_toy_pipeline(folder)
-    test = prompt_splits()["test"][:prompts]
-    images = generate(pipe, [a.prompt for a in test], list(range(len(test))), steps, guidance_scale)
-    return adherence([judge(a, image) for a, image in zip(test, images)])
+    return judged_adherence(*sample_held_out(pipe, "test", prompts, 1, steps, guidance_scale))
 
 
 def load_toy_pipeline(folder: str | Path):
@@ -490,7 +477,12 @@ def assemble_pipeline(family: str, unet, vae, text: dict):
 
     if family == "sd":
         return StableDiffusionPipeline(
-            unet=unet, vae=vae, scheduler=toy_scheduler(), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False, **text,
-        )  # fmt: skip
+            unet=unet,
+            vae=vae,
+            scheduler=toy_scheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            **text,
+        )
     return StableDiffusionXLPipeline(unet=unet, vae=vae, scheduler=toy_scheduler(), **text)

@@ -1,0 +1,221 @@
+"""Settings and setup shared by the UNet fine-tuning methods: the base pipeline, LoRA or full
+mode, precision, the optimizer and its schedule, EMA. Each method's config adds its own."""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from align.lora import (
+    DEFAULT_TARGETS,
+    adapters_disabled,
+    add_lora,
+    lora_parameters,
+    skip_lora_input_casts,
+)
+from align.models import load_parts, unet_forward
+from align.release import keep_only_lora
+from reward.runtime import RunConfig, make_optimizer, maybe_resume
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class UNetTuneConfig(RunConfig):
+    model: str = field(
+        default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        metadata={"help": "Base pipeline to fine-tune: a Hub id or a local folder."},
+    )
+    vae: str | None = field(
+        default=None, metadata={"help": "Another VAE, e.g. madebyollin/sdxl-vae-fp16-fix."}
+    )
+    vae_dtype: str = field(
+        default="fp32",
+        metadata={"choices": ("fp32", "bf16", "fp16"), "help": "VAE precision: fp32, bf16, fp16."},
+    )
+    revision: str | None = field(default=None, metadata={"help": "Hub revision of the model."})
+    variant: str | None = field(default=None, metadata={"help": "Weight variant, e.g. 'fp16'."})
+    mode: str = field(
+        default="lora",
+        metadata={"choices": ("lora", "full"), "help": "'lora' or 'full' UNet fine-tuning."},
+    )
+    lora_rank: int = field(default=8, metadata={"range": "> 0", "help": "LoRA rank."})
+    lora_alpha: float | None = field(
+        default=None, metadata={"range": "> 0", "help": "LoRA alpha (default: rank)."}
+    )
+    lora_targets: list[str] = field(
+        default_factory=lambda: list(DEFAULT_TARGETS),
+        metadata={"help": "UNet module names that get LoRA adapters."},
+    )
+    reference_offload: bool = field(
+        default=False,
+        metadata={"help": "Full mode: keep the reference UNet on the CPU between uses."},
+    )
+    ema_decay: float = field(
+        default=0.0,
+        metadata={
+            "range": "[0, 1)",
+            "help": "Keep an exponential moving average of the trained weights (the LoRA, or the "
+            "UNet in full mode) with this decay, e.g. 0.99, and validate, checkpoint-release and "
+            "save it instead of the last weights (0: off). Its early steps average faster "
+            "(decay (1+n)/(10+n) until that is higher). Holds a second copy of the trained "
+            "weights. Not with DeepSpeed ZeRO-3.",
+        },
+    )
+    learning_rate: float = field(default=1e-8, metadata={"range": "> 0", "help": "Learning rate."})
+    scale_lr: bool = field(
+        default=False, metadata={"help": "Multiply the learning rate by the pairs per step."}
+    )
+    lr_scheduler: str = field(
+        default="constant_with_warmup",
+        metadata={
+            "choices": (
+                "linear",
+                "cosine",
+                "cosine_with_restarts",
+                "polynomial",
+                "constant",
+                "constant_with_warmup",
+            ),
+            "help": "A diffusers scheduler name.",
+        },
+    )
+    warmup_steps: int = field(
+        default=500, metadata={"range": ">= 0", "help": "Learning-rate warmup steps."}
+    )
+    optimizer: str = field(
+        default="adamw",
+        metadata={
+            "choices": ("adamw", "adamw_8bit", "adafactor"),
+            "help": "'adamw', 'adamw_8bit' or 'adafactor'.",
+        },
+    )
+    weight_decay: float = field(default=1e-2, metadata={"range": ">= 0", "help": "Weight decay."})
+    max_grad_norm: float = field(
+        default=1.0, metadata={"range": "> 0", "help": "Gradient clipping norm."}
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Trade compute for memory."}
+    )
+    num_workers: int = field(
+        default=0, metadata={"range": ">= 0", "help": "DataLoader worker processes."}
+    )
+
+
+def accumulation_steps(per_step: int, batch_size: int, name: str) -> int:
+    """Gradient accumulation that makes ``per_step`` examples per optimizer step over this
+    launch's processes, ``batch_size`` per process per micro-batch."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if per_step % (batch_size * world):
+        raise ValueError(
+            f"{name} {per_step} is not a multiple of batch_size {batch_size} x {world} processes"
+        )
+    return per_step // (batch_size * world)
+
+
+def setup_unet(config: UNetTuneConfig, family: str, accelerator):
+    """Load the base model's parts and make its UNet trainable: LoRA adapters (the frozen base
+    loads straight into half precision under mixed precision, no transient fp32 copy), or the
+    whole UNet with a frozen copy as reference (fp32 master weights). Returns ``(parts, unet,
+    trainable parameters, reference UNet or None, weight dtype)``."""
+    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        accelerator.mixed_precision, torch.float32
+    )
+    unet_dtype = weight_dtype if config.mode == "lora" else torch.float32
+    parts = load_parts(
+        config.model,
+        family,
+        config.vae,
+        config.revision,
+        config.variant,
+        unet_dtype=unet_dtype,
+        vae_dtype=DTYPES[config.vae_dtype],
+    )
+    unet, reference_unet = parts.unet, None
+    if config.mode == "lora":
+        unet.to(accelerator.device)
+        add_lora(unet, config.lora_rank, config.lora_alpha, config.lora_targets)
+        if weight_dtype != torch.float32 and not _deepspeed(accelerator):
+            skip_lora_input_casts(unet)  # every forward runs under accelerate's autocast
+        trainable = lora_parameters(unet)
+    else:
+        reference_unet = copy.deepcopy(unet).requires_grad_(False).eval()
+        reference_unet.to("cpu" if config.reference_offload else accelerator.device, weight_dtype)
+        trainable = list(unet.parameters())
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    return parts, unet, trainable, reference_unet, weight_dtype
+
+
+def _deepspeed(accelerator) -> bool:
+    return accelerator.distributed_type.value == "DEEPSPEED"
+
+
+def make_optimizer_and_schedule(config: UNetTuneConfig, trainable, accelerator, batch_size: int):
+    """The optimizer over ``trainable`` and its diffusers learning-rate schedule (``scale_lr``
+    multiplies the rate by the examples per optimizer step over all processes)."""
+    from diffusers.optimization import get_scheduler
+
+    if config.scale_lr:
+        config.learning_rate *= (
+            batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+        )
+    optimizer = make_optimizer(
+        config.optimizer, trainable, config.learning_rate, config.weight_decay
+    )
+    scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=config.warmup_steps * accelerator.num_processes,
+        num_training_steps=config.max_steps * accelerator.num_processes,
+    )
+    return optimizer, scheduler
+
+
+def make_reference(accelerator, unet, reference_unet=None, offload: bool = False):
+    """``reference(noisy, t, cond, time_ids)``: the adapter-free UNet in LoRA mode (no second
+    copy), else the frozen copy ``reference_unet`` (optionally parked on the CPU)."""
+    if reference_unet is None:
+        return lora_reference(accelerator, unet)
+    return frozen_reference(accelerator, reference_unet, offload)
+
+
+def lora_reference(accelerator, unet):
+    """The adapter-free UNet as the reference (same weights, no second copy)."""
+
+    def reference(noisy, t, cond, time_ids):
+        inner = accelerator.unwrap_model(unet)
+        with adapters_disabled(inner), accelerator.autocast():
+            return unet_forward(inner, noisy, t, cond, time_ids)
+
+    return reference
+
+
+def frozen_reference(accelerator, copy_unet, offload: bool):
+    """A frozen copy of the initial UNet as the reference, optionally parked on the CPU."""
+    device = accelerator.device
+
+    def reference(noisy, t, cond, time_ids):
+        if offload:
+            copy_unet.to(device)
+        try:
+            with accelerator.autocast():
+                return unet_forward(copy_unet, noisy, t, cond, time_ids)
+        finally:
+            if offload:
+                copy_unet.to("cpu")
+
+    return reference
+
+
+def resume(accelerator, config: UNetTuneConfig) -> dict:
+    """Restore ``resume_from_checkpoint``. In LoRA mode (without DeepSpeed) checkpoints hold the
+    adapter, not a copy of the frozen UNet, and load non-strictly."""
+    lora_only = config.mode == "lora" and not _deepspeed(accelerator)
+    if lora_only:
+        accelerator.register_save_state_pre_hook(keep_only_lora)
+    return maybe_resume(accelerator, config, **({"strict": False} if lora_only else {}))
