@@ -28,6 +28,10 @@ class Conditioning:
     def index(self, rows) -> Conditioning:
         return Conditioning(self.context[rows], None if self.pooled is None else self.pooled[rows])
 
+    def to(self, device=None, dtype=None) -> Conditioning:
+        pooled = None if self.pooled is None else self.pooled.to(device, dtype)
+        return Conditioning(self.context.to(device, dtype), pooled)
+
     def repeat(self, n: int) -> Conditioning:
         """The batch repeated n times (one prompt's conditioning to a batch, or pairs to sides)."""
         pooled = None if self.pooled is None else self.pooled.repeat(n, 1)

@@ -1,0 +1,196 @@
+"""DDIM sampling with per-step log-probabilities, for SD 1.x/2.x and SDXL (the sampler the online
+methods train from).
+
+With ``eta > 0`` each DDIM step x_t -> x_{t-1} is a Gaussian around the deterministic DDIM update
+with standard deviation ``eta * sigma_t`` (DDIM paper, eq. 16); ``sample`` records every latent of
+the trajectory and the log-density of each step's draw, and ``step_log_prob`` recomputes that
+log-density from the stored latents under any UNet (with gradients), which is what a policy
+gradient needs. Noise is seeded per image exactly as the stock diffusers pipelines draw it from a
+list of generators, so a seed gives its image whatever the batch, and ``sample`` reproduces
+``pipe(..., generator=[...], eta=eta)`` of ``StableDiffusionPipeline`` and
+``StableDiffusionXLPipeline`` with a DDIM scheduler.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from align.models import Conditioning, DiffusionParts, default_time_ids, unet_forward
+
+
+@dataclass
+class Trajectory:
+    """What ``sample`` returns: ``latents`` (B, S + 1, C, h, w) from x_T to x_0, ``log_probs``
+    (B, S) of each step's draw (None when not recorded), ``timesteps`` (S,), and ``images``
+    (B, 3, H, W) in [0, 1]."""
+
+    latents: torch.Tensor
+    log_probs: torch.Tensor | None
+    timesteps: torch.Tensor
+    images: torch.Tensor
+
+    def pil(self) -> list:
+        """The images as PIL images (rounded to uint8 as the pipelines do)."""
+        from PIL import Image
+
+        array = (self.images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round()
+        return [Image.fromarray(a.astype("uint8")) for a in array]
+
+
+def ddim_scheduler(parts: DiffusionParts):
+    """A DDIM scheduler with the model's own noise schedule and timestep spacing."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(parts.noise_scheduler.config)
+
+
+def ddim_step(scheduler, model_output, timestep: int, sample, eta: float, noise=None, prev=None):
+    """One DDIM step from ``sample`` (x_t) at ``timestep``: returns ``(prev, log_prob)``, where
+    ``prev`` is x_{t-1} (drawn with ``noise`` when ``prev`` is not given) and ``log_prob`` (B,) its
+    Gaussian log-density, averaged over the latent's dimensions. ``eta`` must be > 0 for a
+    log-density (an eta-0 step is deterministic)."""
+    config = scheduler.config
+    prev_t = timestep - config.num_train_timesteps // scheduler.num_inference_steps
+    alpha = scheduler.alphas_cumprod[timestep]
+    alpha_prev = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
+    alpha, alpha_prev = alpha.to(sample.device), alpha_prev.to(sample.device)
+    output = model_output.to(torch.float32)
+    x = sample.to(torch.float32)
+    if config.prediction_type == "epsilon":
+        x0, eps = (x - (1 - alpha).sqrt() * output) / alpha.sqrt(), output
+    elif config.prediction_type == "v_prediction":
+        x0 = alpha.sqrt() * x - (1 - alpha).sqrt() * output
+        eps = alpha.sqrt() * output + (1 - alpha).sqrt() * x
+    else:
+        raise ValueError(f"prediction_type {config.prediction_type!r}: epsilon or v_prediction")
+    if config.clip_sample:
+        x0 = x0.clamp(-config.clip_sample_range, config.clip_sample_range)
+    variance = (1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev)
+    std = eta * variance.sqrt()
+    mean = alpha_prev.sqrt() * x0 + (1 - alpha_prev - std**2).sqrt() * eps
+    if prev is None:
+        prev = mean if noise is None else mean + std * noise.to(mean)
+    if eta <= 0:
+        return prev.to(sample.dtype), None
+    log_prob = (
+        -((prev.detach().float() - mean) ** 2) / (2 * std**2)
+        - torch.log(std)
+        - 0.5 * math.log(2 * math.pi)
+    )
+    return prev.to(sample.dtype), log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+
+
+def guided_prediction(unet, x, t, cond: Conditioning, uncond: Conditioning, guidance, time_ids):
+    """Classifier-free guidance as the pipelines compute it: one batched UNet call on the
+    unconditional and conditional halves, ``u + guidance * (c - u)``."""
+    if guidance == 1:
+        return unet_forward(unet, x, t, cond, time_ids)
+    both = Conditioning(
+        torch.cat([uncond.context, cond.context]),
+        None if cond.pooled is None else torch.cat([uncond.pooled, cond.pooled]),
+    )
+    ids = None if time_ids is None else torch.cat([time_ids, time_ids])
+    u, c = unet_forward(unet, torch.cat([x, x]), t, both, ids).chunk(2)
+    return u + guidance * (c - u)
+
+
+def _noise(generators, shape, device, dtype) -> torch.Tensor:
+    """One draw per image from its own generator, as the pipelines draw from a generator list."""
+    draws = [
+        torch.randn((1, *shape), generator=g, device=g.device, dtype=dtype) for g in generators
+    ]
+    return torch.cat(draws).to(device)
+
+
+@torch.no_grad()
+def sample(
+    parts: DiffusionParts,
+    prompts: list[str],
+    seeds: list[int],
+    steps: int = 20,
+    guidance_scale: float = 5.0,
+    eta: float = 1.0,
+    size: int | None = None,
+    unet=None,
+    log_probs: bool = True,
+) -> Trajectory:
+    """Sample ``prompts[i]`` from seed ``seeds[i]`` with DDIM, recording the trajectory.
+
+    ``unet`` defaults to ``parts.unet`` (pass a LoRA-wrapped or prepared one to sample the
+    policy). The unconditional branch is ``parts.unconditional()``, what the stock pipeline
+    uses. ``log_probs`` with ``eta`` 0 is refused: an eta-0 step is deterministic and has no
+    log-probability.
+    """
+    if log_probs and eta <= 0:
+        raise ValueError(
+            "eta 0 makes every DDIM step deterministic, so a step has no log-probability; "
+            "use eta > 0 (DDPO uses 1.0), or log_probs=False"
+        )
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    unet = unet if unet is not None else parts.unet
+    scheduler = ddim_scheduler(parts)
+    scheduler.set_timesteps(steps)
+    scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)  # the VAE's downsampling
+    size = size or unet.config.sample_size * scale
+    device, dtype = parts.unet.device, next(unet.parameters()).dtype
+    cond = parts.encode_prompts(prompts).to(device, dtype)
+    uncond = parts.unconditional().repeat(len(prompts)).to(device, dtype)
+    time_ids = (
+        default_time_ids(size, len(prompts)).to(device, dtype) if cond.pooled is not None else None
+    )
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    shape = (unet.config.in_channels, size // scale, size // scale)
+    x = _noise(generators, shape, device, dtype) * scheduler.init_noise_sigma
+    latents, logps = [x], []
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(x, t)
+        output = guided_prediction(unet, model_input, t, cond, uncond, guidance_scale, time_ids)
+        noise = _noise(generators, shape, device, dtype) if eta > 0 else None
+        x, logp = ddim_step(scheduler, output, int(t), x, eta, noise=noise)
+        latents.append(x)
+        if log_probs:
+            logps.append(logp)
+    images = decode(parts, x)
+    return Trajectory(
+        torch.stack(latents, dim=1),
+        torch.stack(logps, dim=1) if log_probs else None,
+        scheduler.timesteps.clone(),
+        images,
+    )
+
+
+def step_log_prob(
+    unet, parts: DiffusionParts, trajectory: Trajectory, step: int, prompts, guidance_scale, eta
+):
+    """The log-probability (B,) of step ``step`` of ``trajectory`` (x_t -> x_{t-1}, as stored)
+    under ``unet``, with gradients: the quantity a policy-gradient update differentiates."""
+    scheduler = ddim_scheduler(parts)
+    scheduler.set_timesteps(len(trajectory.timesteps))
+    x, prev = trajectory.latents[:, step], trajectory.latents[:, step + 1]
+    t = trajectory.timesteps[step]
+    dtype = next(unet.parameters()).dtype
+    cond = parts.encode_prompts(prompts).to(x.device, dtype)
+    uncond = parts.unconditional().repeat(len(prompts)).to(x.device, dtype)
+    size = trajectory.images.shape[-1]
+    time_ids = (
+        default_time_ids(size, len(prompts)).to(x.device, dtype)
+        if cond.pooled is not None
+        else None
+    )
+    output = guided_prediction(
+        unet, scheduler.scale_model_input(x, t), t, cond, uncond, guidance_scale, time_ids
+    )
+    return ddim_step(scheduler, output, int(t), x, eta, prev=prev)[1]
+
+
+@torch.no_grad()
+def decode(parts: DiffusionParts, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images (B, 3, H, W) in [0, 1]."""
+    vae = parts.vae
+    shift = vae.config.get("shift_factor") or 0.0
+    images = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)

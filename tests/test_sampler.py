@@ -1,0 +1,65 @@
+"""The DDIM sampler with log-probabilities: it samples what the stock diffusers pipelines sample,
+and a step's log-probability recomputed from the stored latents is the one recorded."""
+
+import pytest
+import torch
+
+from align.models import load_parts
+from align.sampler import sample, step_log_prob
+from eval.toy.data import shipped_toy_models
+from reward.toyworld import prompt_splits
+
+MODELS = shipped_toy_models()
+PROMPTS = [a.prompt for a in prompt_splits()["test"][:3]]
+SEEDS = [0, 7, 11]
+
+
+@pytest.mark.parametrize("name", ["toy-sd", "toy-sdxl"])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_sampler_reproduces_the_stock_pipeline(name, eta):
+    from diffusers import DDIMScheduler, DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(MODELS[name])
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    stock = pipe(
+        PROMPTS,
+        num_inference_steps=8,
+        guidance_scale=5.0,
+        eta=eta,
+        generator=[torch.Generator().manual_seed(s) for s in SEEDS],
+        output_type="pt",
+    ).images
+    ours = sample(load_parts(str(MODELS[name])), PROMPTS, SEEDS, 8, 5.0, eta, log_probs=eta > 0)
+    assert ours.images.shape == stock.shape == (3, 3, 32, 32)
+    torch.testing.assert_close(ours.images, stock.float(), atol=2e-4, rtol=0)
+    assert ours.latents.shape == (3, 9, 4, 8, 8) and len(ours.timesteps) == 8
+
+
+@pytest.mark.parametrize("name", ["toy-sd", "toy-sdxl"])
+def test_a_recomputed_step_log_prob_is_the_sampled_one_and_carries_gradients(name):
+    from align.lora import add_lora, lora_parameters
+
+    parts = load_parts(str(MODELS[name]))
+    add_lora(parts.unet, rank=4)
+    with torch.no_grad():  # a policy that differs from the base
+        for p in lora_parameters(parts.unet):
+            p.add_(torch.randn_like(p) * 0.05)
+    trajectory = sample(parts, PROMPTS, SEEDS, steps=6, guidance_scale=5.0, eta=1.0)
+    assert trajectory.log_probs.shape == (3, 6) and torch.isfinite(trajectory.log_probs).all()
+    for step in (0, 3, 5):
+        again = step_log_prob(parts.unet, parts, trajectory, step, PROMPTS, 5.0, 1.0)
+        torch.testing.assert_close(again, trajectory.log_probs[:, step], atol=1e-4, rtol=1e-5)
+    again.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_parameters(parts.unet))
+    with torch.no_grad():  # the same latents are less likely under another policy
+        for p in lora_parameters(parts.unet):
+            p.add_(torch.randn_like(p) * 0.5)
+        other = step_log_prob(parts.unet, parts, trajectory, 3, PROMPTS, 5.0, 1.0)
+    assert (other - trajectory.log_probs[:, 3]).abs().max() > 1e-3
+
+
+def test_eta_zero_with_log_probs_is_refused():
+    parts = load_parts(str(MODELS["toy-sd"]))
+    with pytest.raises(ValueError, match="eta 0 makes every DDIM step deterministic"):
+        sample(parts, PROMPTS[:1], [0], steps=2, eta=0.0)
