@@ -1,0 +1,57 @@
+"""Rewards for the online methods, named in a config by one string:
+
+- ``toy-oracle``: the toy world's ground truth (``reward.toyworld.OracleReward``);
+- ``pickscore`` or ``pickscore:<model>``: ``reward.PickScore`` in this process (a Hub id or a
+  folder the reward recipe wrote; default PickScore_v1), scoring decoded tensors directly;
+- ``<module>:<function>``: any callable ``(prompts, images) -> scores``.
+
+Every reward answers ``score(prompts, images) -> (N,) float tensor``, images being PIL images
+or (3, H, W) tensors in [0, 1].
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+
+class CallableReward:
+    """A plain function ``(prompts, images) -> scores`` behind the ``score`` interface."""
+
+    def __init__(self, function, name: str):
+        self.function, self.name = function, name
+
+    def score(self, prompts, images) -> torch.Tensor:
+        prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+        scores = torch.as_tensor(self.function(prompts, images), dtype=torch.float32).flatten()
+        if len(scores) != len(images):
+            raise ValueError(
+                f"reward {self.name} gave {len(scores)} scores for {len(images)} images"
+            )
+        return scores
+
+
+def load_reward(spec: str, device=None):
+    """The reward ``spec`` names (see the module docstring)."""
+    if spec == "toy-oracle":
+        from reward.toyworld import OracleReward
+
+        return OracleReward()
+    if spec == "pickscore" or spec.startswith("pickscore:"):
+        from reward.pickscore import PICKSCORE_MODEL, PickScore
+
+        model = spec.partition(":")[2] or PICKSCORE_MODEL
+        return PickScore.from_pretrained(model, device=device)
+    module_name, _, function_name = spec.partition(":")
+    if not module_name or not function_name:
+        raise ValueError(
+            f"reward {spec!r}: expected toy-oracle, pickscore[:MODEL] or module:function"
+        )
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"reward {spec!r}: cannot import it ({error})") from None
+    if not callable(function):
+        raise ValueError(f"reward {spec!r}: {function_name} is not callable")
+    return CallableReward(function, spec)

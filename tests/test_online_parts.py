@@ -1,0 +1,68 @@
+"""Pieces of the online methods: rewards named by a string, and advantage normalisation."""
+
+import numpy as np
+import pytest
+import torch
+
+from align.advantages import PromptStats, group_advantages
+from align.rewards import load_reward
+from reward.toyworld import Attributes, render
+
+RED_CIRCLE = Attributes("red", "circle", "blue")
+
+
+def lengths(prompts, images):  # a plug-in reward, named as tests.test_online_parts:lengths
+    return [float(len(p)) for p in prompts]
+
+
+def test_rewards_by_name(tiny_models):
+    rng = np.random.default_rng(0)
+    images = [render(RED_CIRCLE, rng), render(Attributes("green", "square", "yellow"), rng)]
+    oracle = load_reward("toy-oracle")
+    assert oracle.score(RED_CIRCLE.prompt, images).tolist() == [3.0, 0.0]
+    plug_in = load_reward("tests.test_online_parts:lengths")
+    assert plug_in.score(["ab", "abc"], images).tolist() == [2.0, 3.0]
+    pickscore = load_reward(f"pickscore:{tiny_models['clip']}")
+    tensors = torch.stack([torch.from_numpy(np.array(i)).permute(2, 0, 1) / 255 for i in images])
+    scores = pickscore.score(RED_CIRCLE.prompt, tensors)
+    assert scores.shape == (2,) and torch.isfinite(scores).all()
+    for bad in ("nonsense", "tests.test_online_parts:missing", "no_such_module:f"):
+        with pytest.raises(ValueError, match="reward"):
+            load_reward(bad)
+
+
+def test_group_advantages_standardise_within_each_group():
+    rewards = torch.tensor([1.0, 3.0, 10.0, 10.0, 20.0, 5.0])
+    groups = ["a", "a", "b", "b", "b", "c"]
+    advantages = group_advantages(rewards, groups)
+    torch.testing.assert_close(advantages[:2], torch.tensor([-1.0, 1.0]), atol=1e-5, rtol=0)
+    b = rewards[2:5]
+    torch.testing.assert_close(
+        advantages[2:5], (b - b.mean()) / (b.std(unbiased=False) + 1e-6), atol=1e-6, rtol=0
+    )
+    assert advantages[5] == 0  # a group of one has nothing to compare with
+    torch.testing.assert_close(
+        group_advantages(rewards, groups, use_std=False)[:2], torch.tensor([-1.0, 1.0])
+    )
+
+
+def test_prompt_stats_use_the_batch_until_a_prompt_has_enough_history_and_survive_a_resume():
+    stats = PromptStats(buffer_size=4, min_count=3)
+    first = stats.advantages(["a", "a", "b"], torch.tensor([1.0, 2.0, 6.0]))
+    batch = torch.tensor([1.0, 2.0, 6.0])  # under min_count: standardised by the whole batch
+    torch.testing.assert_close(first, (batch - batch.mean()) / (batch.std(unbiased=False) + 1e-6))
+    second = stats.advantages(["a"], torch.tensor([3.0]))  # "a" now holds 1, 2, 3
+    history = torch.tensor([1.0, 2.0, 3.0])
+    expected = (3.0 - history.mean()) / (history.std(unbiased=False) + 1e-6)
+    assert second.item() == pytest.approx(expected.item(), rel=1e-5)
+    resumed = PromptStats()
+    resumed.load_state_dict(stats.state_dict())
+    a, b = (
+        stats.advantages(["a"], torch.tensor([9.0])),
+        resumed.advantages(["a"], torch.tensor([9.0])),
+    )
+    assert a.item() == b.item() and list(resumed.buffers["a"]) == [1.0, 2.0, 3.0, 9.0]
+    resumed.advantages(["a"], torch.tensor([5.0]))  # the buffer keeps the last 4
+    assert list(resumed.buffers["a"]) == [2.0, 3.0, 9.0, 5.0]
+    with pytest.raises(ValueError, match="min_count 5 is more than buffer_size 4"):
+        PromptStats(buffer_size=4, min_count=5)
