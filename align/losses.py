@@ -64,3 +64,39 @@ def diffusion_dpo_loss(
     return DPOTerms(
         loss, accuracy.detach(), model_diff.detach(), reference_diff, winner_drift.detach()
     )
+
+
+@dataclass
+class PPOTerms:
+    loss: torch.Tensor  # scalar
+    approx_kl: torch.Tensor  # scalar, 0.5 * mean((log ratio)^2)
+    clip_fraction: torch.Tensor  # scalar, share of samples whose ratio left [1 - c, 1 + c]
+    ratio: torch.Tensor  # (B,) detached
+
+
+def ppo_clip_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_range: float = 1e-4,
+    advantage_clip: float | None = 5.0,
+) -> PPOTerms:
+    """DDPO's per-timestep objective (Black et al. 2023, the PPO clipped surrogate): with
+    ratio r = exp(log_prob - old_log_prob),
+
+        loss = mean(max(-A * r, -A * clip(r, 1 - c, 1 + c)))
+
+    ``advantages`` A are clipped to [-advantage_clip, advantage_clip] first (None: not clipped).
+    DDPO's clip range is tiny (1e-4) because the log-probabilities are means over every latent
+    dimension. ``approx_kl`` is the estimate 0.5 * mean((log r)^2) that DDPO logs.
+    """
+    if advantage_clip is not None:
+        advantages = advantages.clamp(-advantage_clip, advantage_clip)
+    log_ratio = log_prob - old_log_prob.detach()
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    approx_kl = 0.5 * (log_ratio.detach() ** 2).mean()
+    clip_fraction = ((ratio.detach() - 1.0).abs() > clip_range).float().mean()
+    return PPOTerms(loss, approx_kl, clip_fraction, ratio.detach())

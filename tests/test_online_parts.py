@@ -66,3 +66,24 @@ def test_prompt_stats_use_the_batch_until_a_prompt_has_enough_history_and_surviv
     assert list(resumed.buffers["a"]) == [2.0, 3.0, 9.0, 5.0]
     with pytest.raises(ValueError, match="min_count 5 is more than buffer_size 4"):
         PromptStats(buffer_size=4, min_count=5)
+
+
+def test_ppo_clip_loss_by_hand_and_its_gradient_stops_outside_the_clip():
+    from align.losses import ppo_clip_loss
+
+    old = torch.tensor([0.0, 0.0, 0.0])
+    new = torch.tensor([0.05, -0.05, 0.001], requires_grad=True)  # ratios e^0.05, e^-0.05, ~1
+    advantages = torch.tensor([1.0, 1.0, -9.0])
+    terms = ppo_clip_loss(new, old, advantages, clip_range=0.01, advantage_clip=5.0)
+    ratio = new.detach().exp()
+    a = torch.tensor([1.0, 1.0, -5.0])  # -9 clipped to -5
+    expected = torch.maximum(-a * ratio, -a * ratio.clamp(0.99, 1.01)).mean()
+    assert terms.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert terms.clip_fraction.item() == pytest.approx(2 / 3)
+    assert terms.approx_kl.item() == pytest.approx(0.5 * (0.05**2 * 2 + 0.001**2) / 3, rel=1e-5)
+    terms.loss.backward()
+    # Sample 1: ratio above 1 + c with A > 0 -> clipped, no gradient. Sample 2: ratio below
+    # 1 - c with A > 0 -> the unclipped term is larger, gradient -A * r / 3. Sample 3: inside.
+    assert new.grad[0] == 0
+    assert new.grad[1].item() == pytest.approx(-(ratio[1] / 3).item(), rel=1e-5)
+    assert new.grad[2].item() == pytest.approx((5.0 * ratio[2] / 3).item(), rel=1e-5)
