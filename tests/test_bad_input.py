@@ -95,6 +95,11 @@ def expected_report(fates: dict[int, str]) -> DataReport:
     return report
 
 
+def accounting(report: DataReport) -> tuple:
+    """Every row's fate: (rows, usable pairs, dropped by filter, bad by reason)."""
+    return report.rows, report.pairs, report.dropped, report.bad
+
+
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory):
     folder = tmp_path_factory.mktemp("hostile")
@@ -109,12 +114,7 @@ def test_every_hostile_row_is_a_pair_or_has_a_reason_in_the_data_layer(hostile):
     pairs = list(iter_pairs(load_pickapic(folder, "train"), on_bad="skip", report=report))
     assert [p.index for p in pairs] == [i for i, fate in fates.items() if fate == "pair"]
     expected = expected_report(fates)
-    assert (report.rows, report.pairs, report.dropped, report.bad) == (
-        expected.rows,
-        expected.pairs,
-        expected.dropped,
-        expected.bad,
-    )
+    assert accounting(report) == accounting(expected)
 
 
 def test_bomb_and_truncated_rows_are_named_under_the_error_policy(hostile):
@@ -152,12 +152,7 @@ def test_reward_data_path_accounts_for_every_hostile_row(hostile, tiny_models):
     batch = make_collate(processor.tokenizer)([dataset[i] for i in range(len(dataset))])
     report = dataset.report.with_bad_rows(batch["bad_rows"])
     expected = expected_report(fates)
-    assert (report.rows, report.pairs, report.dropped, report.bad) == (
-        expected.rows,
-        expected.pairs,
-        expected.dropped,
-        expected.bad,
-    )
+    assert accounting(report) == accounting(expected)
     assert batch["input_ids"].shape == (expected.pairs, 77)  # the long caption is truncated
 
 
