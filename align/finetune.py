@@ -1,5 +1,6 @@
 """Settings and setup shared by the UNet fine-tuning methods: the base pipeline, LoRA or full
-mode, precision, the optimizer and its schedule, EMA. Each method's config adds its own."""
+mode, precision, the reference model, the optimizer and its schedule, EMA, resuming. Each
+method's config adds its own fields to ``UNetTuneConfig``."""
 
 from __future__ import annotations
 
@@ -67,7 +68,10 @@ class UNetTuneConfig(RunConfig):
     )
     learning_rate: float = field(default=1e-8, metadata={"range": "> 0", "help": "Learning rate."})
     scale_lr: bool = field(
-        default=False, metadata={"help": "Multiply the learning rate by the pairs per step."}
+        default=False,
+        metadata={
+            "help": "Multiply the learning rate by the examples per optimizer step (all processes)."
+        },
     )
     lr_scheduler: str = field(
         default="constant_with_warmup",
@@ -116,6 +120,10 @@ def accumulation_steps(per_step: int, batch_size: int, name: str) -> int:
     return per_step // (batch_size * world)
 
 
+def _deepspeed(accelerator) -> bool:
+    return accelerator.distributed_type.value == "DEEPSPEED"
+
+
 def setup_unet(config: UNetTuneConfig, family: str, accelerator):
     """Load the base model's parts and make its UNet trainable: LoRA adapters (the frozen base
     loads straight into half precision under mixed precision, no transient fp32 copy), or the
@@ -151,10 +159,6 @@ def setup_unet(config: UNetTuneConfig, family: str, accelerator):
     return parts, unet, trainable, reference_unet, weight_dtype
 
 
-def _deepspeed(accelerator) -> bool:
-    return accelerator.distributed_type.value == "DEEPSPEED"
-
-
 def make_optimizer_and_schedule(config: UNetTuneConfig, trainable, accelerator, batch_size: int):
     """The optimizer over ``trainable`` and its diffusers learning-rate schedule (``scale_lr``
     multiplies the rate by the examples per optimizer step over all processes)."""
@@ -174,14 +178,6 @@ def make_optimizer_and_schedule(config: UNetTuneConfig, trainable, accelerator, 
         num_training_steps=config.max_steps * accelerator.num_processes,
     )
     return optimizer, scheduler
-
-
-def make_reference(accelerator, unet, reference_unet=None, offload: bool = False):
-    """``reference(noisy, t, cond, time_ids)``: the adapter-free UNet in LoRA mode (no second
-    copy), else the frozen copy ``reference_unet`` (optionally parked on the CPU)."""
-    if reference_unet is None:
-        return lora_reference(accelerator, unet)
-    return frozen_reference(accelerator, reference_unet, offload)
 
 
 def lora_reference(accelerator, unet):
@@ -210,6 +206,14 @@ def frozen_reference(accelerator, copy_unet, offload: bool):
                 copy_unet.to("cpu")
 
     return reference
+
+
+def make_reference(accelerator, unet, reference_unet=None, offload: bool = False):
+    """``reference(noisy, t, cond, time_ids)``: the adapter-free UNet in LoRA mode (no second
+    copy), else the frozen copy ``reference_unet`` (optionally parked on the CPU)."""
+    if reference_unet is None:
+        return lora_reference(accelerator, unet)
+    return frozen_reference(accelerator, reference_unet, offload)
 
 
 def resume(accelerator, config: UNetTuneConfig) -> dict:
