@@ -24,13 +24,17 @@ from align.models import Conditioning, DiffusionParts, default_time_ids, unet_fo
 @dataclass
 class Trajectory:
     """What ``sample`` returns: ``latents`` (B, S + 1, C, h, w) from x_T to x_0, ``log_probs``
-    (B, S) of each step's draw (None when not recorded), ``timesteps`` (S,), and ``images``
-    (B, 3, H, W) in [0, 1]."""
+    (B, S) of each step's draw (None when not recorded), ``timesteps`` (S,), ``images``
+    (B, 3, H, W) in [0, 1], and what the UNet was conditioned on (prompt and unconditional
+    embeddings, SDXL's time ids), so a step can be recomputed without encoding again."""
 
     latents: torch.Tensor
     log_probs: torch.Tensor | None
     timesteps: torch.Tensor
     images: torch.Tensor
+    cond: Conditioning
+    uncond: Conditioning
+    time_ids: torch.Tensor | None
 
     def pil(self) -> list:
         """The images as PIL images (rounded to uint8 as the pipelines do)."""
@@ -160,11 +164,14 @@ def sample(
         torch.stack(logps, dim=1) if log_probs else None,
         scheduler.timesteps.clone(),
         images,
+        cond,
+        uncond,
+        time_ids,
     )
 
 
 def step_log_prob(
-    unet, parts: DiffusionParts, trajectory: Trajectory, step: int, prompts, guidance_scale, eta
+    unet, parts: DiffusionParts, trajectory: Trajectory, step: int, guidance_scale, eta
 ):
     """The log-probability (B,) of step ``step`` of ``trajectory`` (x_t -> x_{t-1}, as stored)
     under ``unet``, with gradients: the quantity a policy-gradient update differentiates."""
@@ -172,17 +179,14 @@ def step_log_prob(
     scheduler.set_timesteps(len(trajectory.timesteps))
     x, prev = trajectory.latents[:, step], trajectory.latents[:, step + 1]
     t = trajectory.timesteps[step]
-    dtype = next(unet.parameters()).dtype
-    cond = parts.encode_prompts(prompts).to(x.device, dtype)
-    uncond = parts.unconditional().repeat(len(prompts)).to(x.device, dtype)
-    size = trajectory.images.shape[-1]
-    time_ids = (
-        default_time_ids(size, len(prompts)).to(x.device, dtype)
-        if cond.pooled is not None
-        else None
-    )
     output = guided_prediction(
-        unet, scheduler.scale_model_input(x, t), t, cond, uncond, guidance_scale, time_ids
+        unet,
+        scheduler.scale_model_input(x, t),
+        t,
+        trajectory.cond,
+        trajectory.uncond,
+        guidance_scale,
+        trajectory.time_ids,
     )
     return ddim_step(scheduler, output, int(t), x, eta, prev=prev)[1]
 

@@ -48,14 +48,14 @@ def test_a_recomputed_step_log_prob_is_the_sampled_one_and_carries_gradients(nam
     trajectory = sample(parts, PROMPTS, SEEDS, steps=6, guidance_scale=5.0, eta=1.0)
     assert trajectory.log_probs.shape == (3, 6) and torch.isfinite(trajectory.log_probs).all()
     for step in (0, 3, 5):
-        again = step_log_prob(parts.unet, parts, trajectory, step, PROMPTS, 5.0, 1.0)
+        again = step_log_prob(parts.unet, parts, trajectory, step, 5.0, 1.0)
         torch.testing.assert_close(again, trajectory.log_probs[:, step], atol=1e-4, rtol=1e-5)
     again.sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_parameters(parts.unet))
     with torch.no_grad():  # the same latents are less likely under another policy
         for p in lora_parameters(parts.unet):
             p.add_(torch.randn_like(p) * 0.5)
-        other = step_log_prob(parts.unet, parts, trajectory, 3, PROMPTS, 5.0, 1.0)
+        other = step_log_prob(parts.unet, parts, trajectory, 3, 5.0, 1.0)
     assert (other - trajectory.log_probs[:, 3]).abs().max() > 1e-3
 
 
