@@ -182,7 +182,8 @@ def card(config: DPOConfig, family: str, metrics: dict) -> str:
         f"loss: {config.loss}, beta {config.beta}, resolution {config.resolution}",
         f"{config.batch_size * config.gradient_accumulation_steps} pairs per process per step",
     ]
-    return model_card("Diffusion-DPO", config, family, training, metrics)
+    source = f"`{config.dataset}` ({config.split})"
+    return model_card("Diffusion-DPO", config, family, training, metrics, source)
 
 
 # ----------------------------------------------------------------------------------------------

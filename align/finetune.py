@@ -159,9 +159,12 @@ def setup_unet(config: UNetTuneConfig, family: str, accelerator):
     return parts, unet, trainable, reference_unet, weight_dtype
 
 
-def make_optimizer_and_schedule(config: UNetTuneConfig, trainable, accelerator, batch_size: int):
-    """The optimizer over ``trainable`` and its diffusers learning-rate schedule (``scale_lr``
-    multiplies the rate by the examples per optimizer step over all processes)."""
+def make_optimizer_and_schedule(
+    config: UNetTuneConfig, trainable, accelerator, batch_size: int, total_steps: int | None = None
+):
+    """The optimizer over ``trainable`` and its diffusers learning-rate schedule over
+    ``total_steps`` optimizer steps (default ``max_steps``); ``scale_lr`` multiplies the rate by
+    the examples per optimizer step over all processes."""
     from diffusers.optimization import get_scheduler
 
     if config.scale_lr:
@@ -175,7 +178,7 @@ def make_optimizer_and_schedule(config: UNetTuneConfig, trainable, accelerator, 
         config.lr_scheduler,
         optimizer,
         num_warmup_steps=config.warmup_steps * accelerator.num_processes,
-        num_training_steps=config.max_steps * accelerator.num_processes,
+        num_training_steps=(total_steps or config.max_steps) * accelerator.num_processes,
     )
     return optimizer, scheduler
 

@@ -28,6 +28,11 @@ class Conditioning:
     def index(self, rows) -> Conditioning:
         return Conditioning(self.context[rows], None if self.pooled is None else self.pooled[rows])
 
+    @staticmethod
+    def cat(items: list[Conditioning]) -> Conditioning:
+        pooled = None if items[0].pooled is None else torch.cat([c.pooled for c in items])
+        return Conditioning(torch.cat([c.context for c in items]), pooled)
+
     def to(self, device=None, dtype=None) -> Conditioning:
         pooled = None if self.pooled is None else self.pooled.to(device, dtype)
         return Conditioning(self.context.to(device, dtype), pooled)
@@ -167,6 +172,25 @@ def load_parts(
         part.requires_grad_(False).eval()
     zeros = zeros_for_empty_prompt(_pipeline_config(model, revision, found))
     return DiffusionParts(found, unet, vae_model, scheduler, tokenizers, encoders, zeros)
+
+
+def parts_from_pipeline(pipe) -> DiffusionParts:
+    """The parts of a loaded diffusers SD or SDXL pipeline (with any LoRA it has loaded), for
+    ``align.sampler``; its own scheduler's config gives the noise schedule."""
+    from diffusers import DDPMScheduler
+
+    family = unet_family(pipe.unet.config)
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else [])
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
+    return DiffusionParts(
+        family,
+        pipe.unet,
+        pipe.vae,
+        DDPMScheduler.from_config(pipe.scheduler.config),
+        tokenizers,
+        encoders,
+        zeros_for_empty_prompt(dict(pipe.config)),
+    )
 
 
 def _pipeline_config(model: str, revision: str | None, family: str) -> dict:

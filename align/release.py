@@ -79,9 +79,12 @@ def release_writer(accelerator, unet, mode: str, lora_info: dict, ema=None, trai
     return write_lora
 
 
-def model_card(method: str, config, family: str, training: list[str], metrics: dict) -> str:
+def model_card(
+    method: str, config, family: str, training: list[str], metrics: dict, source: str
+) -> str:
     """A diffusers model card for a LoRA or UNet trained by ``method`` from ``config`` (a
-    ``UNetTuneConfig`` with ``dataset`` and ``split``); ``training`` adds the method's settings."""
+    ``UNetTuneConfig``) on ``source`` (the data or prompts, in words); ``training`` adds the
+    method's settings."""
     lora = f", rank {config.lora_rank}, alpha {config.lora_alpha or config.lora_rank}"
     training = [
         f"mode {config.mode}" + (lora if config.mode == "lora" else ""),
@@ -100,7 +103,7 @@ def model_card(method: str, config, family: str, training: list[str], metrics: d
         "---",
         f"# {method} {kind} for `{config.model}`",
         "",
-        f"Aligned with pickalign's {method} on `{config.dataset}` ({config.split}).",
+        f"Aligned with pickalign's {method} on {source}.",
         "",
         "```python",
         f"from diffusers import {pipeline}",

@@ -3,7 +3,8 @@
 - ``toy-oracle``: the toy world's ground truth (``reward.toyworld.OracleReward``);
 - ``pickscore`` or ``pickscore:<model>``: ``reward.PickScore`` in this process (a Hub id or a
   folder the reward recipe wrote; default PickScore_v1), scoring decoded tensors directly;
-- ``<module>:<function>``: any callable ``(prompts, images) -> scores``.
+- ``<module>:<function>``: any callable ``(prompts, images) -> scores``, from an installed module
+  or one in the current directory.
 
 Every reward answers ``score(prompts, images) -> (N,) float tensor``, images being PIL images
 or (3, H, W) tensors in [0, 1].
@@ -12,6 +13,8 @@ or (3, H, W) tensors in [0, 1].
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 
 import torch
 
@@ -48,6 +51,8 @@ def load_reward(spec: str, device=None):
         raise ValueError(
             f"reward {spec!r}: expected toy-oracle, pickscore[:MODEL] or module:function"
         )
+    if os.getcwd() not in sys.path:  # a module beside the user's config, as ``python -m`` finds it
+        sys.path.insert(0, os.getcwd())
     try:
         function = getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError) as error:

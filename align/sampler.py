@@ -36,6 +36,38 @@ class Trajectory:
     uncond: Conditioning
     time_ids: torch.Tensor | None
 
+    def select(self, rows) -> Trajectory:
+        """The trajectories of images ``rows`` (indices or a bool mask)."""
+        return Trajectory(
+            self.latents[rows],
+            None if self.log_probs is None else self.log_probs[rows],
+            self.timesteps,
+            self.images[rows],
+            self.cond.index(rows),
+            self.uncond.index(rows),
+            None if self.time_ids is None else self.time_ids[rows],
+        )
+
+    @staticmethod
+    def cat(parts: list[Trajectory]) -> Trajectory:
+        """Trajectories sampled in several batches (same steps) as one batch."""
+
+        def joined(name):
+            values = [getattr(p, name) for p in parts]
+            return None if values[0] is None else torch.cat(values)
+
+        cond = [p.cond for p in parts]
+        uncond = [p.uncond for p in parts]
+        return Trajectory(
+            joined("latents"),
+            joined("log_probs"),
+            parts[0].timesteps,
+            joined("images"),
+            Conditioning.cat(cond),
+            Conditioning.cat(uncond),
+            joined("time_ids"),
+        )
+
     def pil(self) -> list:
         """The images as PIL images (rounded to uint8 as the pipelines do)."""
         from PIL import Image
@@ -51,16 +83,35 @@ def ddim_scheduler(parts: DiffusionParts):
     return DDIMScheduler.from_config(parts.noise_scheduler.config)
 
 
-def ddim_step(scheduler, model_output, timestep: int, sample, eta: float, noise=None, prev=None):
-    """One DDIM step from ``sample`` (x_t) at ``timestep``: returns ``(prev, log_prob)``, where
-    ``prev`` is x_{t-1} (drawn with ``noise`` when ``prev`` is not given) and ``log_prob`` (B,) its
-    Gaussian log-density, averaged over the latent's dimensions. ``eta`` must be > 0 for a
-    log-density (an eta-0 step is deterministic)."""
+@dataclass
+class DDIMStep:
+    """One DDIM step x_t -> x_{t-1}: the draw ``prev``, and the Gaussian it was drawn from:
+    ``mean`` (B, C, h, w), ``std`` (B,) (0 at eta 0), ``log_prob`` (B,) of ``prev`` averaged over
+    the latent's dimensions (None at eta 0)."""
+
+    prev: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    log_prob: torch.Tensor | None
+
+
+def ddim_step(scheduler, model_output, timestep, sample, eta: float, noise=None, prev=None):
+    """One DDIM step from ``sample`` (x_t) at ``timestep`` (an int, or (B,) for a batch whose
+    images sit at different steps): x_{t-1} is drawn with ``noise`` unless ``prev`` is given.
+    ``eta`` must be > 0 for a log-density (an eta-0 step is deterministic)."""
     config = scheduler.config
-    prev_t = timestep - config.num_train_timesteps // scheduler.num_inference_steps
-    alpha = scheduler.alphas_cumprod[timestep]
-    alpha_prev = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
-    alpha, alpha_prev = alpha.to(sample.device), alpha_prev.to(sample.device)
+    t = torch.as_tensor(timestep).reshape(-1).cpu()  # (1,) or (B,)
+    prev_t = t - config.num_train_timesteps // scheduler.num_inference_steps
+    alphas = scheduler.alphas_cumprod
+    alpha = alphas[t]
+    alpha_prev = torch.where(
+        prev_t >= 0, alphas[prev_t.clamp(min=0)], scheduler.final_alpha_cumprod
+    )
+    shape = (-1,) + (1,) * (sample.ndim - 1)
+    alpha, alpha_prev = (
+        alpha.view(shape).to(sample.device),
+        alpha_prev.view(shape).to(sample.device),
+    )
     output = model_output.to(torch.float32)
     x = sample.to(torch.float32)
     if config.prediction_type == "epsilon":
@@ -73,18 +124,19 @@ def ddim_step(scheduler, model_output, timestep: int, sample, eta: float, noise=
     if config.clip_sample:
         x0 = x0.clamp(-config.clip_sample_range, config.clip_sample_range)
     variance = (1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev)
-    std = eta * variance.sqrt()
+    std = eta * variance.sqrt()  # (B or 1, 1, 1, 1)
     mean = alpha_prev.sqrt() * x0 + (1 - alpha_prev - std**2).sqrt() * eps
     if prev is None:
         prev = mean if noise is None else mean + std * noise.to(mean)
-    if eta <= 0:
-        return prev.to(sample.dtype), None
-    log_prob = (
-        -((prev.detach().float() - mean) ** 2) / (2 * std**2)
-        - torch.log(std)
-        - 0.5 * math.log(2 * math.pi)
-    )
-    return prev.to(sample.dtype), log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+    log_prob = None
+    if eta > 0:
+        log_prob = (
+            -((prev.detach().float() - mean) ** 2) / (2 * std**2)
+            - torch.log(std)
+            - 0.5 * math.log(2 * math.pi)
+        )
+        log_prob = log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+    return DDIMStep(prev.to(sample.dtype), mean, std.flatten().expand(len(mean)), log_prob)
 
 
 def guided_prediction(unet, x, t, cond: Conditioning, uncond: Conditioning, guidance, time_ids):
@@ -97,6 +149,8 @@ def guided_prediction(unet, x, t, cond: Conditioning, uncond: Conditioning, guid
         None if cond.pooled is None else torch.cat([uncond.pooled, cond.pooled]),
     )
     ids = None if time_ids is None else torch.cat([time_ids, time_ids])
+    if torch.is_tensor(t) and t.numel() > 1:  # one timestep per image
+        t = torch.cat([t, t])
     u, c = unet_forward(unet, torch.cat([x, x]), t, both, ids).chunk(2)
     return u + guidance * (c - u)
 
@@ -120,13 +174,15 @@ def sample(
     size: int | None = None,
     unet=None,
     log_probs: bool = True,
+    conditioning: tuple[Conditioning, Conditioning] | None = None,
 ) -> Trajectory:
     """Sample ``prompts[i]`` from seed ``seeds[i]`` with DDIM, recording the trajectory.
 
     ``unet`` defaults to ``parts.unet`` (pass a LoRA-wrapped or prepared one to sample the
     policy). The unconditional branch is ``parts.unconditional()``, what the stock pipeline
-    uses. ``log_probs`` with ``eta`` 0 is refused: an eta-0 step is deterministic and has no
-    log-probability.
+    uses; ``conditioning`` = (one row per prompt, the unconditional branch as one row) samples
+    with given embeddings instead. ``log_probs`` with ``eta`` 0 is refused: an eta-0 step is
+    deterministic and has no log-probability.
     """
     if log_probs and eta <= 0:
         raise ValueError(
@@ -141,8 +197,8 @@ def sample(
     scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)  # the VAE's downsampling
     size = size or unet.config.sample_size * scale
     device, dtype = parts.unet.device, next(unet.parameters()).dtype
-    cond = parts.encode_prompts(prompts).to(device, dtype)
-    uncond = parts.unconditional().repeat(len(prompts)).to(device, dtype)
+    cond, uncond = conditioning or (parts.encode_prompts(prompts), parts.unconditional())
+    cond, uncond = cond.to(device, dtype), uncond.repeat(len(prompts)).to(device, dtype)
     time_ids = (
         default_time_ids(size, len(prompts)).to(device, dtype) if cond.pooled is not None else None
     )
@@ -154,10 +210,11 @@ def sample(
         model_input = scheduler.scale_model_input(x, t)
         output = guided_prediction(unet, model_input, t, cond, uncond, guidance_scale, time_ids)
         noise = _noise(generators, shape, device, dtype) if eta > 0 else None
-        x, logp = ddim_step(scheduler, output, int(t), x, eta, noise=noise)
+        step = ddim_step(scheduler, output, int(t), x, eta, noise=noise)
+        x = step.prev
         latents.append(x)
         if log_probs:
-            logps.append(logp)
+            logps.append(step.log_prob)
     images = decode(parts, x)
     return Trajectory(
         torch.stack(latents, dim=1),
@@ -170,25 +227,76 @@ def sample(
     )
 
 
-def step_log_prob(
-    unet, parts: DiffusionParts, trajectory: Trajectory, step: int, guidance_scale, eta
-):
-    """The log-probability (B,) of step ``step`` of ``trajectory`` (x_t -> x_{t-1}, as stored)
-    under ``unet``, with gradients: the quantity a policy-gradient update differentiates."""
+def recompute_step(
+    unet, parts: DiffusionParts, trajectory: Trajectory, step, guidance_scale, eta
+) -> DDIMStep:
+    """Step ``step`` of ``trajectory`` (x_t -> x_{t-1}, as stored) under ``unet``, with
+    gradients: its Gaussian and the stored draw's log-probability, what a policy-gradient update
+    differentiates. ``step`` is an int, or (B,) step indices, one per image."""
     scheduler = ddim_scheduler(parts)
     scheduler.set_timesteps(len(trajectory.timesteps))
-    x, prev = trajectory.latents[:, step], trajectory.latents[:, step + 1]
-    t = trajectory.timesteps[step]
+    index = torch.as_tensor(step).reshape(-1).expand(len(trajectory.latents)).cpu()
+    rows = torch.arange(len(index))
+    x, prev = trajectory.latents[rows, index], trajectory.latents[rows, index + 1]
+    t = trajectory.timesteps[index]  # (B,)
     output = guided_prediction(
         unet,
-        scheduler.scale_model_input(x, t),
-        t,
+        x,  # DDIM's scale_model_input is the identity
+        t.to(x.device),
         trajectory.cond,
         trajectory.uncond,
         guidance_scale,
         trajectory.time_ids,
     )
-    return ddim_step(scheduler, output, int(t), x, eta, prev=prev)[1]
+    return ddim_step(scheduler, output, t, x, eta, prev=prev)
+
+
+def step_log_prob(unet, parts: DiffusionParts, trajectory: Trajectory, step, guidance_scale, eta):
+    """The log-probability (B,) of step ``step`` of ``trajectory`` under ``unet`` (see
+    ``recompute_step``)."""
+    return recompute_step(unet, parts, trajectory, step, guidance_scale, eta).log_prob
+
+
+def generate(
+    pipe,
+    prompts: list[str],
+    seeds: list[int],
+    steps: int = 20,
+    guidance_scale: float = 5.0,
+    size: int | None = None,
+    batch_size: int = 50,
+    progress: bool = False,
+    conditioning: tuple[Conditioning, Conditioning] | None = None,
+) -> list:
+    """PIL images of ``prompts[i]`` from seed ``seeds[i]`` with deterministic DDIM (eta 0), in
+    batches: what ``pipe(prompts, generator=[...])`` gives with a DDIM scheduler. ``pipe`` is a
+    loaded diffusers pipeline (with any LoRA loaded) or ``DiffusionParts``. ``conditioning``:
+    embeddings to sample with instead of encoding the prompts (one row per prompt, the
+    unconditional branch as one row)."""
+    from tqdm.auto import tqdm
+
+    from align.models import parts_from_pipeline
+
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    parts = pipe if isinstance(pipe, DiffusionParts) else parts_from_pipeline(pipe)
+    images = []
+    for start in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc="sampling"):
+        chunk = slice(start, start + batch_size)
+        given = None if conditioning is None else (conditioning[0].index(chunk), conditioning[1])
+        trajectory = sample(
+            parts,
+            prompts[chunk],
+            seeds[chunk],
+            steps,
+            guidance_scale,
+            0.0,
+            size,
+            log_probs=False,
+            conditioning=given,
+        )
+        images += trajectory.pil()
+    return images
 
 
 @torch.no_grad()

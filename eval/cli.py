@@ -3,8 +3,10 @@
 pickalign data inspect SOURCE [--split S] [--skip-bad]   count rows, pairs, ties, bad rows
 pickalign score --model M --prompt P IMAGE...             PickScore of images for one prompt
 pickalign reward-eval --model M --data D                  preference accuracy of a reward
+pickalign rank --model PIPE [--lora DIR] --prompt P --n 8 --out DIR   best-of-n by a reward
 pickalign toy data --out DIR                              a toy dataset in the Pick-a-Pic schema
 pickalign toy eval PIPE [--against P | --aligned RUN]     oracle adherence and win rates
+pickalign toy rank-eval PIPE [--n 8]                      best-of-n by the toy PickScore, judged
 pickalign toy oracle-check                                the oracle's accuracy on renders
 pickalign models build --out DIR                          save the tiny offline test models
 pickalign demo [--out DIR]                                the offline end-to-end demo
@@ -143,6 +145,29 @@ def _toy_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _toy_rank(args: argparse.Namespace) -> int:
+    import json
+
+    from eval.toy.judge import ranking_vs_single
+    from reward.runtime import atomic_write_json
+    from reward.sources import require
+
+    require(args.model, "pipeline", "model")
+    report = ranking_vs_single(
+        args.model, args.reward, args.n, args.prompts, args.split, lora=args.lora
+    )
+    if args.out:
+        atomic_write_json(args.out, report)
+    print(json.dumps(report, indent=2))
+    for key in ("by_reward", "by_oracle"):
+        rate = report[f"win_rate_{key}"]
+        print(
+            f"best of {args.n} {key.replace('_', ' ')} over one sample: {rate['estimate']:.3f} "
+            f"[95% CI {rate['low']:.3f}, {rate['high']:.3f}]"
+        )
+    return 0
+
+
 def _score(args: argparse.Namespace) -> int:
     from reward.data import BadImageError, decode_image
     from reward.pickscore import PickScore
@@ -178,6 +203,53 @@ def _reward_eval(args: argparse.Namespace) -> int:
     scorer = PickScore.from_pretrained(args.model, args.processor)
     report = evaluate_reward(scorer, args.data, "skip" if args.skip_bad else "error")
     print(json.dumps(report, indent=2))
+    return 0
+
+
+def _rank(args: argparse.Namespace) -> int:
+    from diffusers import DiffusionPipeline
+
+    from align.lora import load_lora
+    from align.models import parts_from_pipeline
+    from align.prompts import load_prompts
+    from align.rank import best_of_n, write_ranking
+    from align.rewards import load_reward
+    from reward.sources import require
+
+    require(args.model, "pipeline", "model")
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        prompts += load_prompts(args.prompts, args.max_prompts)
+    if not prompts:
+        print("error: give --prompt TEXT (repeatable) or --prompts SOURCE", file=sys.stderr)
+        return 2
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = DiffusionPipeline.from_pretrained(args.model).to(device)
+    if args.lora:
+        require(args.lora, "lora", "lora")
+        load_lora(pipe, args.lora)
+    reward = load_reward(args.reward, device)
+    results = best_of_n(
+        parts_from_pipeline(pipe),
+        prompts,
+        reward,
+        n=args.n,
+        first_seed=args.seed,
+        templates=args.template,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        size=args.size,
+    )
+    manifest = write_ranking(results, args.out)
+    for k, (candidates, _) in enumerate(results):
+        best, scores = candidates[0], [c.score for c in candidates]
+        print(
+            f"{k:04d} best seed {best.seed} score {best.score:.3f} "
+            f"(median {sorted(scores)[len(scores) // 2]:.3f}): {best.prompt}"
+        )
+    print(f"wrote {manifest}")
     return 0
 
 
@@ -266,6 +338,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="held-out prompts to judge on: test (200) for figures, validation (50) for tuning",
     )
     toy_eval.set_defaults(run=_toy_eval)
+    toy_rank = toy.add_parser(
+        "rank-eval", help="oracle win rate of best-of-n by a reward over one sample"
+    )
+    toy_rank.add_argument("model", help="a pipeline folder")
+    toy_rank.add_argument("--lora", help="a LoRA folder to load into it")
+    toy_rank.add_argument(
+        "--reward", default="pickscore:eval/toy/assets/pickscore", help="the ranking reward"
+    )
+    toy_rank.add_argument("--n", type=int, default=8)
+    toy_rank.add_argument("--prompts", type=int, default=200, help="held-out prompts")
+    toy_rank.add_argument("--split", choices=("test", "validation"), default="test")
+    toy_rank.add_argument("--out", help="also write the report to this JSON file")
+    toy_rank.set_defaults(run=_toy_rank)
 
     score = commands.add_parser("score", help="PickScore of images for one prompt")
     score.add_argument("--model", required=True, help="reward folder or Hub id")
@@ -279,6 +364,32 @@ def build_parser() -> argparse.ArgumentParser:
     reward_eval.add_argument("--data", required=True, help="Pick-a-Pic Hub id or local folder")
     reward_eval.add_argument("--skip-bad", action="store_true", help="skip and count bad rows")
     reward_eval.set_defaults(run=_reward_eval)
+
+    rank = commands.add_parser("rank", help="best-of-n: sample n per prompt, keep the best")
+    rank.add_argument("--model", required=True, help="base pipeline (Hub id or folder)")
+    rank.add_argument("--lora", help="a LoRA folder to load into it")
+    rank.add_argument(
+        "--reward",
+        default="pickscore",
+        help="pickscore[:MODEL], toy-oracle, or module:function (default: PickScore_v1)",
+    )
+    rank.add_argument("--prompt", action="append", help="a prompt; repeatable")
+    rank.add_argument("--prompts", help="more prompts: a .txt file, toy[:SPLIT] or DATASET:SPLIT")
+    rank.add_argument("--max-prompts", type=int, help="only the first N of --prompts")
+    rank.add_argument("--n", type=int, default=8, help="candidates per prompt (default 8)")
+    rank.add_argument("--seed", type=int, default=0, help="candidate j gets seed SEED+j")
+    rank.add_argument(
+        "--template",
+        action="append",
+        help="prompt template with {prompt}, e.g. '{prompt}, highly detailed'; repeatable, "
+        "candidate j uses template j mod count; the reward scores the prompt as written",
+    )
+    rank.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    rank.add_argument("--guidance", type=float, default=5.0, help="guidance scale (default 5)")
+    rank.add_argument("--size", type=int, help="image size (default: the model's)")
+    rank.add_argument("--device", help="cuda or cpu (default: cuda when there is one)")
+    rank.add_argument("--out", required=True, help="folder for the images and ranking.json")
+    rank.set_defaults(run=_rank)
 
     demo = commands.add_parser("demo", help="run the offline end-to-end demo")
     demo.add_argument("--out", default="outputs/demo")

@@ -30,6 +30,7 @@ from reward.sources import require
 
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+TEXT_CACHE_SIZE = 16384  # prompts whose embeddings a frozen reward keeps (ViT-H: 4 KB each)
 ImageLike = Image.Image | np.ndarray | torch.Tensor
 
 
@@ -163,6 +164,7 @@ class PickScore:
         self.processor = processor
         self.max_length = processor.tokenizer.model_max_length
         self._warned_truncation = False
+        self.frozen, self._text_cache = freeze, {}
         if compile:
             self.model.vision_model.compile()
         image_processor = processor.image_processor
@@ -229,12 +231,24 @@ class PickScore:
         return {k: v.to(self.device) for k, v in tokens.items()}
 
     def _text_per_image(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Prompt embeddings (N, D), one row per image, each distinct prompt encoded once (under
-        the caller's grad mode: inference mode for ``score``, no_grad for ``differentiable``)."""
-        row = {prompt: i for i, prompt in enumerate(dict.fromkeys(prompts))}
-        with self._autocast():
-            text = text_embeddings(self.model, **self._tokens(list(row)))
-        return text[[row[p] for p in prompts]]
+        """Prompt embeddings (N, D), one row per image, each distinct prompt encoded once. A
+        frozen reward keeps them across calls (up to ``TEXT_CACHE_SIZE`` prompts, oldest out):
+        an online run scores the same prompts round after round. They are made outside
+        inference mode, so ``differentiable`` can multiply them into a graph."""
+        distinct = list(dict.fromkeys(prompts))
+        if not self.frozen:
+            with torch.no_grad(), self._autocast():
+                text = text_embeddings(self.model, **self._tokens(distinct))
+            row = {prompt: i for i, prompt in enumerate(distinct)}
+            return text[[row[p] for p in prompts]]
+        missing = [p for p in distinct if p not in self._text_cache]
+        if missing:
+            with torch.inference_mode(False), torch.no_grad(), self._autocast():
+                text = text_embeddings(self.model, **self._tokens(missing))
+            self._text_cache.update(zip(missing, text))
+            while len(self._text_cache) > TEXT_CACHE_SIZE:
+                self._text_cache.pop(next(iter(self._text_cache)))
+        return torch.stack([self._text_cache[p] for p in prompts])
 
     @torch.inference_mode()
     def embed_images(
@@ -376,8 +390,7 @@ class PickScore:
     ) -> torch.Tensor:
         """Scores (B,) of decoded image tensors that carry gradients back to ``pixels``."""
         prompts = [prompts] * len(pixels) if isinstance(prompts, str) else list(prompts)
-        with torch.no_grad():
-            text = self._text_per_image(prompts)
+        text = self._text_per_image(prompts)
         values = self.preprocess_tensor(pixels.to(self.device), value_range)
         with self._autocast():
             images = image_embeddings(self.model, values)

@@ -272,12 +272,20 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
 # Accelerator, seeding, progress, tracking
 
 
-def make_accelerator(config: RunConfig, micro_batch_size: int | None = None, project: str = "run"):
+def make_accelerator(
+    config: RunConfig,
+    micro_batch_size: int | None = None,
+    project: str = "run",
+    accumulation: int | None = None,
+):
     """An ``Accelerator`` for this run, right on GPUs and on a CPU-only machine.
 
     ``micro_batch_size`` is handed to DeepSpeed when the recipe prepares no DataLoader (online
-    RL, cached tensors); DeepSpeed refuses to start without it.
+    RL, cached tensors); DeepSpeed refuses to start without it. ``accumulation``: backward
+    passes per optimizer step, when not ``config.gradient_accumulation_steps`` (DDPO
+    backpropagates each trained step of a micro-batch).
     """
+    accumulation = accumulation or config.gradient_accumulation_steps
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
@@ -293,7 +301,7 @@ def make_accelerator(config: RunConfig, micro_batch_size: int | None = None, pro
     log_with = None if config.report_to in (None, "", "none") else config.report_to
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        gradient_accumulation_steps=accumulation,
         log_with=log_with,
         project_config=ProjectConfiguration(
             project_dir=config.output_dir, logging_dir=str(Path(config.output_dir) / "logs")
@@ -309,7 +317,7 @@ def make_accelerator(config: RunConfig, micro_batch_size: int | None = None, pro
             plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch_size
         # The run's accumulation wins over a launch config's fixed value, which accelerate
         # would otherwise apply silently (changing the batch per optimizer step).
-        plugin.deepspeed_config["gradient_accumulation_steps"] = config.gradient_accumulation_steps
+        plugin.deepspeed_config["gradient_accumulation_steps"] = accumulation
     if log_with is not None:
         accelerator.init_trackers(project, config=_scalar_config(config))
     return accelerator

@@ -247,8 +247,8 @@ def test_a_missing_toy_dataset_names_the_command_that_builds_it(tmp_path, monkey
     reward = lambda argv: train(parse_config(RewardConfig, argv))  # noqa: E731
     config = str(REPO / "recipes/configs/reward/toy.yaml")
     err = _recipe_error(reward, ["--config", config], capsys)
-    assert "dataset: outputs/toy_reward_data does not exist" in err
-    assert "build it with: pickalign toy data --out outputs/toy_reward_data" in err
+    assert "dataset: outputs/toy_dpo_data does not exist" in err
+    assert "build it with: pickalign toy data --out outputs/toy_dpo_data" in err
     assert not Path("outputs").exists()
     dpo = lambda argv: dpo_main("sdxl", argv)  # noqa: E731
     config = str(REPO / "recipes/configs/dpo/toy_sdxl.yaml")

@@ -57,6 +57,16 @@ def test_each_prompt_is_encoded_once(scorer, monkeypatch):
     monkeypatch.setattr(scorer.model, "get_text_features", counting)
     scores = scorer.score(["a dog", "a cat", "a dog", "a dog"], images(4))
     assert encoded == [2] and scores.shape == (4,)
+    # a frozen reward keeps prompt embeddings across calls (an online run's next round)
+    again = scorer.score(["a dog", "a cat", "a dog", "a dog"], images(4))
+    assert encoded == [2]
+    torch.testing.assert_close(again, scores)
+    scorer.score(["a cat", "a bird"], images(2))
+    assert encoded == [2, 1]
+    # the kept embeddings are not inference tensors: the differentiable path can use them
+    pixels = torch.rand(2, 3, 40, 48, requires_grad=True)
+    scorer.differentiable(["a cat", "a dog"], pixels, value_range=(0.0, 1.0)).sum().backward()
+    assert encoded == [2, 1] and pixels.grad.abs().sum() > 0
 
 
 def test_pil_numpy_and_tensor_inputs_agree_and_modes_are_converted(scorer):

@@ -6,13 +6,21 @@ import numpy as np
 import pytest
 import torch
 
-from align.sampling import generate
 from eval.toy.data import shipped_toy_models
 from eval.toy.judge import oracle_accuracy
 from eval.toy.pretrain import vae_round_trip
 from reward.toyworld import prompt_splits, read_image
 
 MODELS = shipped_toy_models()
+
+
+def generate(pipe, prompts, seeds, steps=20, guidance_scale=5.0):
+    """The stock pipeline's own call, as a user samples a shipped model (not our sampler)."""
+    pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    return pipe(
+        prompts, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators
+    ).images
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from align.sampling import generate
+from align.sampler import generate
 from reward.data import write_split
 from reward.toyworld import COLOURS, SHAPES, Attributes, prefer, prompt_splits, render
 

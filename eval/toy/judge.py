@@ -37,8 +37,8 @@ def sample_held_out(
     prompts of ``split`` ("test" for figures, "validation" for choices), seed
     ``first_seed + k * seeds_per_prompt + j`` for prompt k, so every model compared sees the same
     noise. Returns the prompt of each image and the images. ``conditioning``: embeddings to
-    sample with instead of the pipeline's own encoding (``align.sampling.generate``)."""
-    from align.sampling import generate
+    sample with instead of the pipeline's own encoding (``align.sampler.generate``)."""
+    from align.sampler import generate
     from reward.toyworld import prompt_splits
 
     held_out = prompt_splits()[held_out_split(split)][:prompts]
@@ -177,6 +177,68 @@ def aligned_vs_base(
             }
         )
     return reports if isinstance(aligned, list) else reports[0]
+
+
+def ranking_vs_single(
+    base: str | Path,
+    reward: str = "pickscore:eval/toy/assets/pickscore",
+    n: int = 8,
+    prompts: int = 200,
+    split: str = "test",
+    steps: int = 20,
+    guidance_scale: float = 5.0,
+    lora: str | Path | None = None,
+) -> dict:
+    """Best-of-n ranking in the toy world: for each held-out prompt, n candidates (seeds 0..n-1)
+    ranked by ``reward`` (``align.rank.best_of_n``); the oracle's win rate of the best candidate
+    over candidate 0 (the one sample a user would otherwise get), and of the oracle's own best
+    of the same candidates over candidate 0 (the ceiling of ranking)."""
+    from diffusers import DiffusionPipeline
+
+    from align.lora import load_lora
+    from align.models import parts_from_pipeline
+    from align.rank import best_of_n
+    from align.rewards import load_reward
+    from reward.toyworld import prompt_splits
+
+    texts = [a.prompt for a in prompt_splits()[held_out_split(split)][:prompts]]
+    pipe = DiffusionPipeline.from_pretrained(base)
+    if lora:
+        load_lora(pipe, lora)
+    ranked = best_of_n(
+        parts_from_pipeline(pipe),
+        texts,
+        load_reward(reward),
+        n,
+        0,
+        None,
+        steps,
+        guidance_scale,
+        batch_size=64,
+    )
+    single, by_reward, by_oracle = [], [], []
+    for prompt, (candidates, images) in zip(texts, ranked):
+        first = next(i for i, c in enumerate(candidates) if c.seed == 0)
+        single.append(images[first])
+        by_reward.append(images[0])
+        verdicts = [judge(prompt, image).score for image in images]
+        by_oracle.append(images[max(range(n), key=lambda i: (verdicts[i], -i))])
+    reward_report = oracle_compare(texts, by_reward, single)
+    oracle_report = oracle_compare(texts, by_oracle, single)
+    return {
+        "base": str(base),
+        "lora": str(lora) if lora else None,
+        "reward": reward,
+        "n": n,
+        "prompts": len(texts),
+        "split": split,
+        "single": reward_report["b"],
+        "best_by_reward": reward_report["a"],
+        "best_by_oracle": oracle_report["a"],
+        "win_rate_by_reward": reward_report["win_rate"].as_dict(),
+        "win_rate_by_oracle": oracle_report["win_rate"].as_dict(),
+        "sampling": {"steps": steps, "guidance_scale": guidance_scale},
+    }
 
 
 @dataclass

@@ -1,0 +1,356 @@
+"""What the online methods (``align.ddpo``, ``align.reward_weighted``) share: their settings, the
+prompts and seeds of a round, sampling and scoring spread over processes with the rewards gathered,
+and the end of a run (release, metrics, model card).
+
+A round: every process draws ``samples_per_round`` prompts (``group_size`` samples of each),
+samples them with the policy (``align.sampler``), scores them with the reward, and the rewards of
+all processes are gathered, so per-prompt statistics and weights are global.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from align.finetune import UNetTuneConfig, make_optimizer_and_schedule, resume, setup_unet
+from align.models import FAMILIES
+from align.prompts import load_prompts
+from align.release import model_card, release_writer
+from align.rewards import load_reward
+from align.sampler import Trajectory, sample
+from reward.runtime import (
+    ConfigError,
+    append_log,
+    atomic_path,
+    atomic_write_json,
+    make_accelerator,
+    save_checkpoint,
+    seed_everything,
+    write_config,
+)
+from reward.sources import require
+
+
+@dataclass
+class OnlineConfig(UNetTuneConfig):
+    max_steps: int = field(
+        default=100,
+        metadata={
+            "range": "> 0",
+            "help": "Rounds to run; a round samples, scores and trains on what it sampled.",
+        },
+    )
+    reward: str = field(
+        default="pickscore",
+        metadata={
+            "help": "The reward: pickscore[:MODEL] (a Hub id or a folder the reward recipe "
+            "wrote; default PickScore_v1), toy-oracle, or module:function taking "
+            "(prompts, images) and returning one score per image."
+        },
+    )
+    prompts: str = field(
+        default="yuvalkirstain/pickapic_v2:train",
+        metadata={
+            "help": "Prompts to train on: a Pick-a-Pic dataset (Hub id or folder) with "
+            ":SPLIT, a .txt file (one per line), or toy[:SPLIT]."
+        },
+    )
+    max_prompts: int | None = field(
+        default=None,
+        metadata={"range": "> 0", "help": "Use only the first N distinct prompts."},
+    )
+    resolution: int | None = field(
+        default=None,
+        metadata={"range": "> 0", "help": "Image size in pixels (default: the model's)."},
+    )
+    sample_steps: int = field(
+        default=50, metadata={"range": "> 0", "help": "DDIM steps per sample."}
+    )
+    guidance_scale: float = field(
+        default=5.0,
+        metadata={"range": ">= 1", "help": "Classifier-free guidance, in sampling and training."},
+    )
+    eta: float = field(
+        default=1.0,
+        metadata={"range": "[0, 1]", "help": "DDIM eta of the samples (> 0 for DDPO)."},
+    )
+    samples_per_round: int = field(
+        default=64, metadata={"range": "> 0", "help": "Samples per process per round."}
+    )
+    group_size: int = field(
+        default=1,
+        metadata={
+            "range": "> 0",
+            "help": "Samples of each prompt drawn together in a round (k); samples_per_round "
+            "must be a multiple.",
+        },
+    )
+    sample_batch_size: int = field(
+        default=16, metadata={"range": "> 0", "help": "Images per sampling batch."}
+    )
+    train_batch_size: int = field(
+        default=8, metadata={"range": "> 0", "help": "Samples per training micro-batch."}
+    )
+    inner_epochs: int = field(
+        default=1,
+        metadata={"range": "> 0", "help": "Passes over each round's samples."},
+    )
+    monitor_prompts: str | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out prompts sampled with fixed seeds every monitor_every rounds and "
+            "scored by the reward and by monitor_rewards, to see reward hacking (e.g. "
+            "toy:validation). None: off."
+        },
+    )
+    monitor_count: int = field(
+        default=64, metadata={"range": "> 0", "help": "Monitor prompts (one seed each)."}
+    )
+    monitor_every: int = field(
+        default=5, metadata={"range": "> 0", "help": "Monitor every N rounds."}
+    )
+    monitor_guidance: float = field(
+        default=5.0,
+        metadata={"range": ">= 1", "help": "Guidance of the monitor's samples (as evaluated)."},
+    )
+    monitor_rewards: list[str] = field(
+        default_factory=list,
+        metadata={"help": "More rewards scored on the monitor samples (e.g. toy-oracle)."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.samples_per_round % self.group_size:
+            raise ConfigError(
+                f"samples_per_round {self.samples_per_round} is not a multiple of group_size "
+                f"{self.group_size}"
+            )
+        per_step = self.train_batch_size * self.gradient_accumulation_steps
+        if self.trained_per_round() % per_step:
+            raise ConfigError(
+                f"the {self.trained_per_round()} samples a round trains on (per process) are not "
+                f"a multiple of train_batch_size x gradient_accumulation_steps ({per_step})"
+            )
+
+    def trained_per_round(self) -> int:
+        """Samples a round trains on, per process."""
+        return self.samples_per_round
+
+    def steps_per_round(self) -> int:
+        """Optimizer steps per round."""
+        per_step = self.train_batch_size * self.gradient_accumulation_steps
+        return self.inner_epochs * self.trained_per_round() // per_step
+
+
+def round_prompts(
+    prompts: list[str], config: OnlineConfig, round_: int, rank: int
+) -> tuple[list[str], list[int]]:
+    """This process's prompts and seeds for round ``round_``: ``samples_per_round / group_size``
+    prompts drawn at random, each ``group_size`` times in a row, and a distinct seed per image.
+    A function of (seed, round, rank) alone, so a resumed run draws the same."""
+    rng = random.Random(hash((config.seed, round_, rank)))
+    drawn = rng.choices(prompts, k=config.samples_per_round // config.group_size)
+    batch = [p for p in drawn for _ in range(config.group_size)]
+    first = ((config.seed * 1_000_003 + round_) * 4096 + rank) * config.samples_per_round
+    return batch, [(first + i) % 2**63 for i in range(len(batch))]
+
+
+def rollout(
+    parts, unet, prompts, seeds, config: OnlineConfig, accelerator, eta=None, guidance=None
+):
+    """Sample ``prompts`` with ``unet`` (unwrapped) in batches of ``sample_batch_size``:
+    one ``Trajectory`` for all of them. ``eta`` and ``guidance`` override the config's; with
+    eta 0 (as evaluation samples) no log-probabilities are recorded."""
+    eta = config.eta if eta is None else eta
+    guidance = config.guidance_scale if guidance is None else guidance
+    batch = config.sample_batch_size
+    parts_ = []
+    was_training = unet.training
+    unet.eval()
+    with accelerator.autocast():
+        for start in range(0, len(prompts), batch):
+            parts_.append(
+                sample(
+                    parts,
+                    prompts[start : start + batch],
+                    seeds[start : start + batch],
+                    config.sample_steps,
+                    guidance,
+                    eta,
+                    config.resolution,
+                    unet=unet,
+                    log_probs=eta > 0,
+                )
+            )
+    unet.train(was_training)
+    return Trajectory.cat(parts_)
+
+
+def score_and_gather(accelerator, reward, prompts: list[str], images) -> tuple:
+    """Score this process's images, then gather every process's prompts and rewards (in rank
+    order). Returns ``(local rewards (N,), all prompts, all rewards (N x world,))``."""
+    from accelerate.utils import gather_object
+
+    local = reward.score(prompts, images).float().flatten().cpu()
+    if not torch.isfinite(local).all():
+        raise ValueError(f"the reward gave a non-finite score: {local.tolist()}")
+    every = accelerator.gather(local.to(accelerator.device)).cpu()
+    all_prompts = gather_object(list(prompts)) if accelerator.num_processes > 1 else list(prompts)
+    return local, all_prompts, every
+
+
+def own_slice(values: torch.Tensor, accelerator) -> torch.Tensor:
+    """This process's part of a gathered (N x world,) tensor."""
+    n = len(values) // accelerator.num_processes
+    return values[accelerator.process_index * n : (accelerator.process_index + 1) * n]
+
+
+def minutes_since(started: float) -> float:
+    return round((time.time() - started) / 60, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run around the rounds: setup, end of a round, end of the run
+
+
+@dataclass
+class OnlineRun:
+    """What an online method's loop works with, made by ``start_run``."""
+
+    config: OnlineConfig
+    family: str
+    method: str
+    accelerator: object
+    parts: object  # align.models.DiffusionParts
+    unet: object  # prepared (what the optimizer steps; forward it to train)
+    policy: object  # the same UNet unwrapped (sample with it)
+    trainable: list
+    optimizer: object
+    scheduler: object
+    reward: object
+    prompts: list[str]
+    state: dict  # the resumed checkpoint's state ({"step": 0} when fresh)
+    monitor: object | None
+    started: float
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.output_dir)
+
+
+def start_run(config: OnlineConfig, family: str, method: str, accumulation=None) -> OnlineRun:
+    """Check the inputs, make the accelerator, load the model, the reward and the prompts,
+    prepare, resume, and monitor once before the first round of a fresh run. ``accumulation``:
+    backward passes per optimizer step, if not ``gradient_accumulation_steps``."""
+    from align.monitor import Monitor  # it samples with rollout, from here
+
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    require(config.model, "pipeline", "model")
+    started = time.time()
+    accelerator = make_accelerator(
+        config,
+        micro_batch_size=config.train_batch_size,
+        project=f"{method.lower().replace('-', '_')}_{family}",
+        accumulation=accumulation,
+    )
+    if accelerator.is_main_process:
+        write_config(config, config.output_dir)
+    seed_everything(config.seed, accelerator)
+    prompts = load_prompts(config.prompts, config.max_prompts)
+    parts, unet, trainable, _, weight_dtype = setup_unet(config, family, accelerator)
+    parts.to(accelerator.device, text_dtype=weight_dtype)
+    reward = load_reward(config.reward, accelerator.device)
+    optimizer, scheduler = make_optimizer_and_schedule(
+        config,
+        trainable,
+        accelerator,
+        config.train_batch_size,
+        total_steps=config.max_steps * config.steps_per_round(),
+    )
+    unet, optimizer, scheduler = accelerator.prepare(unet, optimizer, scheduler)
+    state = resume(accelerator, config)
+    monitor = Monitor(config, reward, accelerator) if config.monitor_prompts else None
+    run = OnlineRun(
+        config,
+        family,
+        method,
+        accelerator,
+        parts,
+        unet,
+        accelerator.unwrap_model(unet),
+        trainable,
+        optimizer,
+        scheduler,
+        reward,
+        prompts,
+        state,
+        monitor,
+        started,
+    )
+    if monitor is not None:
+        monitor.history = list(state.get("monitor", []))
+        if state["step"] == 0:
+            monitor(parts, run.policy, 0)
+    return run
+
+
+def mean_figures(accelerator, sums: dict[str, float], count: int) -> dict[str, float]:
+    """Per-micro-step sums of figures -> their means over every process, as ``train/<name>``."""
+    names = sorted(sums)
+    values = torch.tensor([sums[k] / max(count, 1) for k in names], device=accelerator.device)
+    values = accelerator.reduce(values, "mean").cpu().tolist()
+    return {f"train/{name}": value for name, value in zip(names, values)}
+
+
+def end_round(run: OnlineRun, round_: int, logs: dict, **state) -> None:
+    """After round ``round_``: log, monitor when due, checkpoint when due (with ``state``, the
+    method's own resumable state, and the monitor's history)."""
+
+    config, accelerator = run.config, run.accelerator
+    append_log(accelerator, config.output_dir, round_, logs)
+    if round_ % config.logging_steps == 0 or round_ == config.max_steps:
+        accelerator.log(logs, step=round_)
+    if run.monitor is not None and run.monitor.due(round_):
+        run.monitor(run.parts, run.policy, round_)
+    if config.checkpointing_steps and round_ % config.checkpointing_steps == 0:
+        writer = release_writer(accelerator, run.unet, config.mode, {"base_model": config.model})
+        history = run.monitor.history if run.monitor is not None else []
+        save_checkpoint(accelerator, config, round_, extra_files=writer, monitor=history, **state)
+
+
+def finish_run(run: OnlineRun, round_: int, logs: dict, training: list[str], **metrics) -> Path:
+    """Write ``<output_dir>/final``: the LoRA (or UNet), ``metrics.json`` (with ``metrics``, the
+    last round's figures and the monitor's), the model card, and ``monitor.png``."""
+
+    config, accelerator = run.config, run.accelerator
+    accelerator.wait_for_everyone()
+    metrics = {
+        "rounds": round_,
+        "train_minutes": minutes_since(run.started),
+        "world_size": accelerator.num_processes,
+        "distributed_type": accelerator.distributed_type.value,
+        "samples": round_ * config.samples_per_round * accelerator.num_processes,
+        "final": {k.split("/", 1)[1]: v for k, v in logs.items()},
+        **metrics,
+    }
+    if run.monitor is not None:
+        metrics["monitor"] = run.monitor.summary()
+        run.monitor.plot(run.out / "monitor.png")
+    info = {"base_model": config.model, "method": run.method, "reward": config.reward}
+    writer = release_writer(accelerator, run.unet, config.mode, info)
+    final = run.out / "final"
+    if accelerator.is_main_process:
+        with atomic_path(final) as tmp:
+            writer(tmp)
+            atomic_write_json(tmp / "metrics.json", metrics)
+            source = f"the prompts `{config.prompts}` with the reward `{config.reward}`"
+            card = model_card(run.method, config, run.family, training, metrics, source)
+            (tmp / "README.md").write_text(card)
+        accelerator.print(f"aligned {run.family.upper()} {config.mode} ({run.method}): {final}")
+    accelerator.end_training()
+    return final

@@ -1,0 +1,285 @@
+"""Reward-weighted fine-tuning (Lee et al. 2023, arXiv 2302.12192) and best-of-n distillation
+(RAFT, Dong et al. 2023, arXiv 2304.06767): one loop, two weightings.
+
+Each round the policy samples ``group_size`` (n) images of each prompt, without guidance by
+default (what the conditional UNet that trains would sample); the reward scores them;
+each sample gets a weight from its reward relative to the other samples of its prompt
+(``sample_weights``), and the UNet trains on its own samples with the plain denoising loss,
+weighted:
+
+- ``softmax``: w_i = n * softmax(r / temperature)_i within the group (mean weight 1): every
+  sample counts, the better ones more; a high temperature tends to plain fine-tuning on the
+  samples, a low one to best-of-1.
+- ``best_of_n``: weight 1 on the top ``top_k`` samples of each group, 0 on the rest (RAFT's
+  selection); the rest are not trained on.
+
+Rounds repeat (online: each round samples from the current policy), or ``max_steps: 1`` with
+several ``inner_epochs`` distils one big sample once (offline). ``regularizer_dataset`` mixes
+in the denoising loss on a Pick-a-Pic dataset's preferred images (Lee et al.'s pre-training
+term), weighted by ``regularizer_weight``. LoRA by default; the output loads with
+``pipe.load_lora_weights``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from align.losses import per_sample_mse, prediction_target
+from align.models import unet_forward
+from align.online import (
+    OnlineConfig,
+    end_round,
+    finish_run,
+    mean_figures,
+    rollout,
+    round_prompts,
+    score_and_gather,
+    start_run,
+)
+from reward.runtime import ConfigError, check_finite, progress_bar
+
+
+@dataclass
+class RewardWeightedConfig(OnlineConfig):
+    weighting: str = field(
+        default="softmax",
+        metadata={
+            "choices": ("softmax", "best_of_n"),
+            "help": "'softmax': weights n * softmax(reward / temperature) within each prompt's "
+            "samples (reward-weighted); 'best_of_n': train on the top_k of each prompt's n "
+            "samples (RAFT).",
+        },
+    )
+    temperature: float = field(
+        default=1.0, metadata={"range": "> 0", "help": "softmax: the reward's temperature."}
+    )
+    top_k: int = field(
+        default=1, metadata={"range": "> 0", "help": "best_of_n: samples kept per prompt."}
+    )
+    guidance_scale: float = field(
+        default=1.0,
+        metadata={
+            "range": ">= 1",
+            "help": "Guidance of the samples trained on. 1 (none) samples the model's own "
+            "conditional distribution, which reward weighting assumes: training the conditional "
+            "UNet on guided samples distils the guidance into it, and guided sampling then "
+            "over-guides (docs/experiments/2026-12-toy-online.md).",
+        },
+    )
+    group_size: int = field(
+        default=4,
+        metadata={
+            "range": "> 1",
+            "help": "Samples per prompt per round (n); weights compare them.",
+        },
+    )
+    regularizer_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "A Pick-a-Pic dataset (Hub id or folder, with :SPLIT) whose preferred "
+            "images add the plain denoising loss (None: off)."
+        },
+    )
+    regularizer_weight: float = field(
+        default=1.0, metadata={"range": ">= 0", "help": "Weight of the regularizer's loss."}
+    )
+    learning_rate: float = field(default=1e-4, metadata={"range": "> 0", "help": "Learning rate."})
+    warmup_steps: int = field(
+        default=0, metadata={"range": ">= 0", "help": "Learning-rate warmup steps."}
+    )
+    lr_scheduler: str = field(
+        default="constant",
+        metadata={
+            "choices": ("constant", "constant_with_warmup", "linear", "cosine"),
+            "help": "A diffusers scheduler name.",
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.weighting == "best_of_n" and self.top_k >= self.group_size:
+            raise ConfigError(
+                f"top_k {self.top_k} keeps every one of group_size {self.group_size} samples"
+            )
+
+    def trained_per_round(self) -> int:
+        """Samples a round trains on (per process)."""
+        if self.weighting == "best_of_n":
+            return self.samples_per_round // self.group_size * self.top_k
+        return self.samples_per_round
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights and the loss of a micro-batch
+
+
+def sample_weights(
+    rewards: torch.Tensor,
+    group_size: int,
+    weighting: str,
+    temperature: float = 1.0,
+    top_k: int = 1,
+) -> torch.Tensor:
+    """(N,) training weights of samples drawn in groups of ``group_size`` consecutive samples of
+    one prompt (see the module docstring): ``softmax`` gives n * softmax(r / temperature) per
+    group (mean 1); ``best_of_n`` gives 1 to the ``top_k`` highest rewards of each group (the
+    earlier sample on a tie) and 0 to the rest."""
+    groups = rewards.float().view(-1, group_size)  # (N / n, n)
+    if weighting == "softmax":
+        weights = group_size * torch.softmax(groups / temperature, dim=1)
+    elif weighting == "best_of_n":
+        order = torch.sort(groups, dim=1, descending=True, stable=True).indices[:, :top_k]
+        weights = torch.zeros_like(groups).scatter_(1, order, 1.0)
+    else:
+        raise ValueError(f"weighting must be softmax or best_of_n, got {weighting!r}")
+    return weights.flatten()
+
+
+def weighted_denoising_loss(unet, scheduler, latents, cond, time_ids, weights, generator):
+    """mean(w_i * ||target - prediction||^2) at a uniform timestep and fresh noise per sample:
+    the denoising loss of ``latents`` (B, C, h, w), each weighted by ``weights`` (B,)."""
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    steps = scheduler.config.num_train_timesteps
+    t = torch.randint(0, steps, (len(latents),), generator=generator).to(latents.device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    prediction = unet_forward(unet, noisy, t, cond, time_ids)
+    mse = per_sample_mse(prediction, prediction_target(scheduler, latents, noise, t))
+    return (weights.to(mse) * mse).mean(), mse.detach()
+
+
+class Regularizer:
+    """Preferred images of a Pick-a-Pic split, cycled in a seeded order, as denoising batches."""
+
+    def __init__(self, spec: str, parts, resolution: int, seed: int):
+        from align.pairs import PreferencePairs
+        from reward.data import load_pickapic
+
+        source, _, split = spec.partition(":")
+        rows = load_pickapic(source, split or "train", streaming=False)
+        self.pairs = PreferencePairs(rows, resolution, skip_bad=True, seed=seed)
+        if len(self.pairs) == 0:
+            raise ValueError(f"regularizer_dataset {spec!r}: no usable pair")
+        self.parts, self.seed = parts, seed
+
+    def batch(self, size: int, round_: int, micro: int, rank: int, device):
+        """(latents, conditioning, time ids) of ``size`` preferred images."""
+        from align.pairs import collate_pairs
+
+        rng = torch.Generator().manual_seed(hash((self.seed, round_, micro, rank)) % 2**63)
+        rows = torch.randint(0, len(self.pairs), (size,), generator=rng).tolist()
+        batch = collate_pairs([self.pairs[i] for i in rows])
+        if "prompt" not in batch:
+            raise ValueError("regularizer_dataset: a whole batch of bad rows")
+        pixels = batch["pixels"][:, 0].to(device)  # the preferred image of each pair
+        latents = self.parts.encode_images(pixels).float()
+        time_ids = batch["time_ids"][:, 0].to(device)
+        return latents, self.parts.encode_prompts(batch["prompt"]), time_ids
+
+
+def card_lines(config: RewardWeightedConfig) -> list[str]:
+    weighting = (
+        f"softmax, temperature {config.temperature}"
+        if config.weighting == "softmax"
+        else f"best of {config.group_size}, top {config.top_k}"
+    )
+    lines = [
+        f"reward: {config.reward}; prompts: {config.prompts}",
+        f"weighting: {weighting}; {config.samples_per_round} samples per process per round, "
+        f"{config.sample_steps} DDIM steps, eta {config.eta}, guidance {config.guidance_scale}",
+        f"{config.inner_epochs} passes over each round's samples",
+    ]
+    if config.regularizer_dataset:
+        lines.append(
+            f"regularizer: {config.regularizer_dataset}, weight {config.regularizer_weight}"
+        )
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def train(config: RewardWeightedConfig, family: str) -> Path:
+    """Run ``max_steps`` rounds; write ``<output_dir>/final`` (LoRA or UNet, card, metrics)."""
+    method = "reward-weighted" if config.weighting == "softmax" else "best-of-n distillation"
+    run = start_run(config, family, method)
+    accelerator, unet, parts = run.accelerator, run.unet, run.parts
+    noise_scheduler = parts.noise_scheduler
+    regularizer = None
+    if config.regularizer_dataset:
+        size = config.resolution or run.policy.config.sample_size * 2 ** (
+            len(parts.vae.config.block_out_channels) - 1
+        )
+        regularizer = Regularizer(config.regularizer_dataset, parts, size, config.seed)
+    round_, rank, logs = run.state["step"], accelerator.process_index, {}
+    bar = progress_bar(accelerator, config.max_steps, round_, desc=f"{method} {family}")
+    while round_ < config.max_steps:
+        # Sample n per prompt, score, weigh within each prompt's samples.
+        prompts, seeds = round_prompts(run.prompts, config, round_, rank)
+        trajectory = rollout(parts, run.policy, prompts, seeds, config, accelerator)
+        rewards, _, all_rewards = score_and_gather(
+            accelerator, run.reward, prompts, trajectory.images
+        )
+        weights = sample_weights(
+            rewards, config.group_size, config.weighting, config.temperature, config.top_k
+        )
+        kept = torch.nonzero(weights > 0).flatten()  # best_of_n trains on the selected only
+        samples = trajectory.select(kept)
+        latents, weights = samples.latents[:, -1], weights[kept]  # the sampled x_0
+        # Train: passes over the kept samples, weighted denoising loss.
+        sums, count, micro = {}, 0, 0
+        for epoch in range(config.inner_epochs):
+            generator = torch.Generator().manual_seed(
+                hash((config.seed, round_, epoch, rank)) % 2**63
+            )
+            order = torch.randperm(len(kept), generator=generator)
+            for start in range(0, len(order), config.train_batch_size):
+                rows = order[start : start + config.train_batch_size]
+                ids = None if samples.time_ids is None else samples.time_ids[rows]
+                with accelerator.accumulate(unet):
+                    loss, mse = weighted_denoising_loss(
+                        unet,
+                        noise_scheduler,
+                        latents[rows],
+                        samples.cond.index(rows),
+                        ids,
+                        weights[rows],
+                        generator,
+                    )
+                    figures = {"weighted_loss": loss.detach(), "mse": mse.mean()}
+                    if regularizer is not None:
+                        batch = regularizer.batch(
+                            len(rows), round_, micro, rank, accelerator.device
+                        )
+                        regular, _ = weighted_denoising_loss(
+                            unet, noise_scheduler, *batch, torch.ones(len(rows)), generator
+                        )
+                        figures["regularizer_loss"] = regular.detach()
+                        loss = loss + config.regularizer_weight * regular
+                    figures["loss"] = loss.detach()
+                    check_finite(loss, round_ + 1)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(run.trainable, config.max_grad_norm)
+                    run.optimizer.step()
+                    run.scheduler.step()
+                    run.optimizer.zero_grad()
+                for key, value in figures.items():
+                    sums[key] = sums.get(key, 0.0) + float(value.detach())
+                count, micro = count + 1, micro + 1
+        round_ += 1
+        logs = {
+            **mean_figures(accelerator, sums, count),
+            "train/reward_mean": all_rewards.mean().item(),
+            "train/reward_std": all_rewards.std().item(),
+            "train/trained_reward_mean": float((weights * rewards[kept]).sum() / weights.sum()),
+            "train/lr": run.scheduler.get_last_lr()[0],
+        }
+        bar.update(1)
+        bar.set_postfix(reward=f"{logs['train/reward_mean']:.3f}", loss=f"{logs['train/loss']:.4f}")
+        end_round(run, round_, logs)
+    bar.close()
+    return finish_run(run, round_, logs, card_lines(config))

@@ -1,0 +1,29 @@
+"""DDPO (and its group-relative form) for an SD 1.x/2.x or SDXL UNet, LoRA by default, with a
+reward in the loop: PickScore, the toy world's oracle, or any (prompts, images) -> scores.
+
+    accelerate launch --config_file accelerate_configs/zero2.yaml recipes/ddpo.py \
+        --config recipes/configs/ddpo/sdxl_pickscore.yaml
+    accelerate launch recipes/ddpo.py --config recipes/configs/ddpo/toy_sdxl.yaml
+
+The family (SD or SDXL) is read from the model's UNet. Writes <output_dir>/final:
+pytorch_lora_weights.safetensors (load it with pipe.load_lora_weights), README.md and
+metrics.json (with the toy world's oracle win rate over the base when toy_eval_prompts is set),
+and monitor.png when monitor_prompts is set. Resume with --resume_from_checkpoint latest. See
+align/ddpo.py and align/online.py for every option.
+"""
+
+import sys
+
+from align.ddpo import DDPOConfig, train
+from align.models import detect_family
+from eval.toy.judge import ToyJudgeConfig, judge_toy_run
+from reward.runtime import parse_config, run_cli
+
+
+def main(argv: list[str]) -> None:
+    config, judge = parse_config((DDPOConfig, ToyJudgeConfig), argv)
+    judge_toy_run(config.model, train(config, detect_family(config.model)), judge)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

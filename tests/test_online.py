@@ -1,0 +1,297 @@
+"""Online alignment: DDPO's step, reward-weighted and best-of-n weights, prompts, resuming,
+multi-process rounds, and learning against the toy oracle."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from align.ddpo import DDPOConfig, ppo_step
+from align.ddpo import train as train_ddpo
+from align.lora import add_lora, lora_parameters
+from align.models import load_parts
+from align.online import round_prompts
+from align.prompts import load_prompts
+from align.reward_weighted import RewardWeightedConfig, sample_weights
+from align.reward_weighted import train as train_weighted
+from align.sampler import sample, step_log_prob
+from reward.runtime import ConfigError
+from reward.toyworld import prompt_splits
+from tests.conftest import REPO, launch
+
+TOY_SD = REPO / "eval/toy/assets/sd"
+
+
+def brightness(prompts, images):
+    """A plug-in reward: mean brightness of each image (tensors in [0, 1] or PIL images)."""
+    return [
+        float(image.float().mean()) if torch.is_tensor(image) else np.asarray(image).mean() / 255
+        for image in images
+    ]
+
+
+def write_prompts(folder, prompts) -> str:
+    path = folder / "prompts.txt"
+    path.write_text("\n".join(prompts) + "\n")
+    return str(path)
+
+
+def common(model, out, prompts, **overrides) -> dict:
+    fields = dict(
+        model=str(model),
+        output_dir=str(out),
+        prompts=prompts,
+        reward="tests.test_online:brightness",
+        resolution=32,
+        sample_steps=4,
+        samples_per_round=4,
+        group_size=2,
+        sample_batch_size=4,
+        train_batch_size=2,
+        max_steps=2,
+        learning_rate=1e-3,
+        lora_rank=4,
+        checkpointing_steps=1,
+        report_to="none",
+        logging_steps=1,
+    )
+    return {**fields, **overrides}
+
+
+def log(folder) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    return {row["step"]: row for row in rows if any(k.startswith("train/") for k in row)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_per_image_steps_recompute_the_sampled_log_probs(tiny_models, family):
+    parts = load_parts(str(tiny_models[family]))
+    prompts = ["a red circle", "a blue square", "a cat"]
+    trajectory = sample(parts, prompts, [0, 1, 2], steps=5, guidance_scale=4.0, eta=1.0)
+    steps = torch.tensor([4, 0, 2])
+    again = step_log_prob(parts.unet, parts, trajectory, steps, 4.0, 1.0)
+    expected = trajectory.log_probs[torch.arange(3), steps]
+    torch.testing.assert_close(again, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_the_first_inner_step_has_ratio_one_and_no_kl(tiny_models):
+    parts = load_parts(str(tiny_models["sd"]))
+    add_lora(parts.unet, rank=4)
+    with torch.no_grad():  # a policy that differs from the base
+        for p in lora_parameters(parts.unet):
+            p.add_(torch.randn_like(p) * 0.05)
+    config = DDPOConfig(model="unused", sample_steps=4, samples_per_round=4, train_batch_size=4)
+    trajectory = sample(parts, ["a"] * 2 + ["b"] * 2, [0, 1, 2, 3], 4, 5.0, 1.0)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    figures = ppo_step(
+        parts.unet, parts, trajectory, torch.tensor([0, 1, 2, 3]), advantages, config
+    )
+    torch.testing.assert_close(figures["ratio_mean"], torch.tensor(1.0), atol=1e-5, rtol=0)
+    assert figures["ratio_max"] - figures["ratio_min"] < 1e-5
+    assert figures["approx_kl"] < 1e-10 and figures["clip_fraction"] == 0
+    # at ratio 1 the clipped objective is -mean(A)
+    torch.testing.assert_close(figures["loss"].detach(), -advantages.mean(), atol=1e-5, rtol=0)
+
+
+def test_reward_weighted_and_best_of_n_weights_by_hand():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 0.0, 5.0, 5.0])  # two groups of three
+    soft = sample_weights(rewards, 3, "softmax", temperature=1.0)
+    e = torch.exp(torch.tensor([1.0, 2.0, 3.0]))
+    first = 3 * e / e.sum()
+    second = 3 * torch.tensor([1.0, 148.4131591, 148.4131591]) / (1 + 2 * 148.4131591)
+    torch.testing.assert_close(soft, torch.cat([first, second]), atol=1e-5, rtol=1e-5)
+    assert soft.view(2, 3).mean(1).tolist() == pytest.approx([1.0, 1.0])
+    hot = sample_weights(rewards, 3, "softmax", temperature=1000.0)
+    assert hot.tolist() == pytest.approx([1.0] * 6, abs=5e-3)  # a high temperature: uniform
+    best = sample_weights(rewards, 3, "best_of_n", top_k=1)
+    assert best.tolist() == [0, 0, 1, 0, 1, 0]  # the earlier sample wins a tie
+    top2 = sample_weights(rewards, 3, "best_of_n", top_k=2)
+    assert top2.tolist() == [0, 1, 1, 0, 1, 1]
+
+
+def test_round_prompts_are_groups_with_distinct_seeds_and_depend_on_rank():
+    config = DDPOConfig(model="unused", samples_per_round=8, group_size=4, train_batch_size=4)
+    prompts = [f"prompt {i}" for i in range(50)]
+    batch, seeds = round_prompts(prompts, config, 3, rank=0)
+    assert len(batch) == 8 and len(set(batch[:4])) == 1 and len(set(batch[4:])) == 1
+    other, other_seeds = round_prompts(prompts, config, 3, rank=1)
+    assert len(set(seeds)) == 8 and not set(seeds) & set(other_seeds)
+    assert round_prompts(prompts, config, 3, rank=0) == (batch, seeds)  # a resume draws the same
+    assert round_prompts(prompts, config, 4, rank=0)[1] != seeds
+
+
+def test_prompts_from_the_toy_world_a_text_file_and_a_pickapic_folder(tmp_path, toy_pairs):
+    assert load_prompts("toy:test") == [a.prompt for a in prompt_splits()["test"]]
+    assert len(load_prompts("toy", limit=5)) == 5
+    path = write_prompts(tmp_path, ["a cat", "", "a dog", "a cat", "   "])
+    assert load_prompts(path) == ["a cat", "a dog"]
+    captions = load_prompts(f"{toy_pairs}:train")
+    assert len(captions) == len(set(captions)) == 16  # two pairs per prompt, de-duplicated
+    with pytest.raises(ValueError, match="toy splits are"):
+        load_prompts("toy:nope")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_prompts(str(tmp_path / "missing.txt"))
+
+
+def test_configs_refuse_what_cannot_run():
+    with pytest.raises(ConfigError, match="eta"):
+        DDPOConfig(model="unused", eta=0.0)
+    with pytest.raises(ConfigError, match="group_size >= 2"):
+        DDPOConfig(model="unused", advantages="group", group_size=1)
+    with pytest.raises(ConfigError, match="multiple of group_size"):
+        DDPOConfig(model="unused", samples_per_round=6, group_size=4)
+    with pytest.raises(ConfigError, match="keeps every one"):
+        RewardWeightedConfig(model="unused", weighting="best_of_n", top_k=4, group_size=4)
+    with pytest.raises(ConfigError, match="multiple of train_batch_size"):
+        RewardWeightedConfig(
+            model="unused",
+            weighting="best_of_n",
+            group_size=4,
+            samples_per_round=16,
+            top_k=1,
+            train_batch_size=8,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_a_ddpo_run_resumes_with_the_same_later_losses(tiny_models, tmp_path, family):
+    prompts = write_prompts(tmp_path, ["a red circle", "a blue square", "a green cross"])
+    settings = common(tiny_models[family], tmp_path / "whole", prompts, max_steps=3)
+    train_ddpo(DDPOConfig(**settings), family)
+    whole = log(tmp_path / "whole")
+    # a second run stopped after round 1, then resumed from its checkpoint
+    part = {**settings, "output_dir": str(tmp_path / "part"), "max_steps": 1}
+    train_ddpo(DDPOConfig(**part), family)
+    resumed = {**part, "max_steps": 3, "resume_from_checkpoint": "latest"}
+    final = train_ddpo(DDPOConfig(**resumed), family)
+    again = log(tmp_path / "part")
+    for step in (2, 3):
+        assert again[step]["train/loss"] == pytest.approx(whole[step]["train/loss"], abs=1e-7)
+        assert again[step]["train/reward_mean"] == pytest.approx(whole[step]["train/reward_mean"])
+    assert (final / "pytorch_lora_weights.safetensors").exists()
+    state = json.loads((tmp_path / "part/checkpoints/checkpoint-3/run_state.json").read_text())
+    assert sum(map(len, state["prompt_stats"]["buffers"].values())) == 12  # 3 rounds x 4
+
+
+def test_reward_weighted_resumes_and_best_of_n_trains_on_the_selected(tiny_models, tmp_path):
+    prompts = write_prompts(tmp_path, ["a red circle", "a blue square"])
+    settings = common(
+        tiny_models["sd"],
+        tmp_path / "whole",
+        prompts,
+        max_steps=3,
+        weighting="best_of_n",
+        samples_per_round=8,
+        group_size=4,
+        top_k=1,
+        train_batch_size=2,
+    )
+    train_weighted(RewardWeightedConfig(**settings), "sd")
+    whole = log(tmp_path / "whole")
+    assert whole[1]["train/trained_reward_mean"] > whole[1]["train/reward_mean"]
+    part = {**settings, "output_dir": str(tmp_path / "part"), "max_steps": 1}
+    train_weighted(RewardWeightedConfig(**part), "sd")
+    resumed = {**part, "max_steps": 3, "resume_from_checkpoint": "latest"}
+    final = train_weighted(RewardWeightedConfig(**resumed), "sd")
+    again = log(tmp_path / "part")
+    for step in (2, 3):
+        assert again[step]["train/loss"] == pytest.approx(whole[step]["train/loss"], abs=1e-7)
+    metrics = json.loads((final / "metrics.json").read_text())
+    assert metrics["rounds"] == 3 and metrics["samples"] == 24
+
+
+def test_the_monitor_logs_the_reward_and_the_oracle_side_by_side(tiny_models, tmp_path):
+    settings = common(
+        tiny_models["sd"],
+        tmp_path / "run",
+        "toy:train",
+        monitor_prompts="toy:validation",
+        monitor_count=3,
+        monitor_every=1,
+        monitor_rewards=["toy-oracle"],
+        checkpointing_steps=0,
+    )
+    final = train_weighted(RewardWeightedConfig(**settings), "sd")
+    monitor = json.loads((final / "metrics.json").read_text())["monitor"]
+    assert [h["round"] for h in monitor["history"]] == [0, 1, 2]
+    assert {"monitor/reward", "monitor/toy-oracle"} <= set(monitor["last"])
+    assert Image.open(tmp_path / "run" / "monitor.png").size == (640, 360)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("config", ["cpu_2proc.yaml", "cpu_zero2_2proc.yaml"])
+def test_two_processes_share_one_round_and_its_prompt_statistics(tiny_models, tmp_path, config):
+    prompts = write_prompts(tmp_path, ["a red circle", "a blue square"])
+    settings = common(tiny_models["sd"], tmp_path / "run", prompts, checkpointing_steps=0)
+    settings.update(samples_per_round=4, group_size=2, stat_buffer_size=64, stat_min_count=2)
+    args = [f"--{key}={value}" for key, value in settings.items()]
+    launch(config, str(REPO / "recipes" / "ddpo.py"), *args)
+    metrics = json.loads((tmp_path / "run" / "final" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert metrics["distributed_type"] == ("DEEPSPEED" if "zero2" in config else "MULTI_CPU")
+    # 2 rounds x 2 processes x 4 samples: every process's rewards reached the tracker
+    assert metrics["prompt_stats"]["rewards"] == 16 and metrics["samples"] == 16
+
+
+def test_rank_keeps_the_best_of_n_by_the_reward_and_writes_every_candidate(tiny_models, tmp_path):
+    from align.rank import load_ranking
+    from eval.cli import main
+
+    args = ["rank", "--model", str(tiny_models["sd"]), "--reward", "tests.test_online:brightness"]
+    args += ["--prompt", "a cat", "--prompt", "a dog", "--n", "4", "--steps", "3"]
+    args += ["--template", "{prompt}", "--template", "{prompt}, a photo", "--out", str(tmp_path)]
+    assert main(args) == 0
+    manifest = load_ranking(tmp_path)
+    assert len(manifest) == 8
+    for k, prompt in enumerate(["a cat", "a dog"]):
+        rows = sorted((r for r in manifest if r["prompt"] == prompt), key=lambda r: r["rank"])
+        assert [r["rank"] for r in rows] == [0, 1, 2, 3] and {r["seed"] for r in rows} == {
+            0,
+            1,
+            2,
+            3,
+        }
+        scores = [r["score"] for r in rows]
+        assert scores == sorted(scores, reverse=True)
+        # the score is the reward of the saved image; the best is copied as best.png
+        saved = [Image.open(tmp_path / r["path"]) for r in rows]
+        assert brightness(None, saved) == pytest.approx(scores, abs=1e-6)
+        best = np.asarray(Image.open(tmp_path / f"{k:04d}" / "best.png"))
+        assert np.array_equal(best, np.asarray(saved[0]))
+        templated = {r["seed"]: r["sampled_prompt"] for r in rows}
+        assert templated[0] == prompt and templated[1] == f"{prompt}, a photo"
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(
+        str(p.relative_to(REPO))
+        for folder in ("ddpo", "reward_weighted")
+        for p in (REPO / "recipes/configs" / folder).glob("*.yaml")
+    ),
+)
+def test_shipped_configs_parse_and_say_how_to_launch(path):
+    from eval.toy.judge import ToyJudgeConfig
+    from reward.runtime import parse_config
+
+    kind = DDPOConfig if "/ddpo/" in path else RewardWeightedConfig
+    config, judge = parse_config((kind, ToyJudgeConfig), ["--config", str(REPO / path)])
+    header = (REPO / path).read_text().split("\nmodel:")[0]
+    assert "Launch" in header and path in header.replace("\\\n", "")
+    if "toy" in path:  # judged on the held-out test prompts with the shipped toy reward
+        assert config.reward == "pickscore:eval/toy/assets/pickscore"
+        assert judge.toy_eval_prompts == 200 and judge.toy_eval_seeds == 2
+        assert config.monitor_rewards == ["toy-oracle"]
+    else:
+        assert config.reward == "pickscore:yuvalkirstain/PickScore_v1"
+        assert config.mixed_precision == "bf16"
