@@ -123,7 +123,12 @@ def _toy_eval(args: argparse.Namespace) -> int:
 
         aligned = args.aligned[0] if len(args.aligned) == 1 else args.aligned
         report = aligned_vs_base(
-            args.model, aligned, args.prompts, args.seeds_per_prompt, split=args.split
+            args.model,
+            aligned,
+            args.prompts,
+            args.seeds_per_prompt,
+            split=args.split,
+            reward=args.reward,
         )
         print(json.dumps(report, indent=2))
         return 0
@@ -329,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
         "of MODEL with each over MODEL alone (the base is sampled once)",
     )
     toy_eval.add_argument("--seeds-per-prompt", type=int, default=2, help="with --aligned")
+    toy_eval.add_argument(
+        "--reward", help="with --aligned: also the mean of this reward, e.g. the run's"
+    )
     toy_eval.add_argument("--prompts", type=int, default=200, help="held-out prompts")
     toy_eval.add_argument("--seed", type=int, default=0, help="first seed (seed i+k for prompt k)")
     toy_eval.add_argument(

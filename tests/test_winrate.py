@@ -116,7 +116,11 @@ def test_toy_run_judging_writes_metrics_and_card(tmp_path, capsys):
     (final / "README.md").write_text("# card\n")
     (final / "metrics.json").write_text(json.dumps({"steps": 3}))
     judge = ToyJudgeConfig(
-        toy_eval_prompts=3, toy_eval_seeds=1, toy_eval_steps=5, toy_eval_split="validation"
+        toy_eval_prompts=3,
+        toy_eval_seeds=1,
+        toy_eval_steps=5,
+        toy_eval_split="validation",
+        toy_eval_reward="toy-oracle",
     )
     assert judge_toy_run(base, final, ToyJudgeConfig()) is None  # off unless asked
     report = judge_toy_run(base, final, judge)
@@ -124,6 +128,12 @@ def test_toy_run_judging_writes_metrics_and_card(tmp_path, capsys):
     assert metrics["steps"] == 3 and metrics["toy_eval"] == report
     assert report["win_rate"]["ties"] == 3 and report["win_rate"]["estimate"] == 0.5
     assert all(c == {"fixed": 0, "broken": 0} for c in report["changes"].values())
+    # the reward scores the same images: here the oracle, whose mean is the adherence's
+    scores = report["reward"]
+    assert scores["name"] == "toy-oracle" and scores["base"] == scores["aligned"]
+    assert scores["base"] == pytest.approx(
+        sum(report["base"][k] for k in ("colour", "shape", "background"))
+    )
     card = (final / "README.md").read_text()
     assert "win rate over the base 0.500" in card and "fixed / broken colour 0 / 0" in card
     assert "3 held-out validation prompts" in capsys.readouterr().out

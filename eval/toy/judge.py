@@ -127,6 +127,7 @@ def aligned_vs_base(
     guidance_scale: float = 5.0,
     device: str | None = None,
     split: str = "test",
+    reward: str | None = None,
 ) -> dict | list[dict]:
     """Oracle win rate of an aligned model over its base on held-out toy prompts, same seeds.
 
@@ -138,6 +139,8 @@ def aligned_vs_base(
     folders (say, a run's checkpoints): the base is then sampled once and a list of reports, one
     per folder, comes back. Prompt k of ``split`` ("test" for reported figures, "validation" for
     choosing settings) is sampled with seeds k * seeds_per_prompt + j for every model.
+    ``reward`` (a spec for ``align.rewards.load_reward``, say the run's learned reward) also
+    scores both image sets: its mean on base and aligned, beside the oracle's verdict.
     """
     import torch
     from diffusers import DiffusionPipeline, UNet2DConditionModel
@@ -151,6 +154,12 @@ def aligned_vs_base(
     sampling = (split, prompts, seeds_per_prompt, steps, guidance_scale)
     texts, base_images = sample_held_out(pipe, *sampling, progress=True)
     base_unet, reports = pipe.unet, []
+    scorer = None
+    if reward:
+        from align.rewards import load_reward
+
+        scorer = load_reward(reward, device)
+        base_reward = float(scorer.score(texts, base_images).mean())
     for folder in folders:
         lora = (folder / WEIGHT_NAME).exists()
         if lora:
@@ -163,6 +172,12 @@ def aligned_vs_base(
         else:
             pipe.unet = base_unet
         result = oracle_compare(texts, aligned_images, base_images)
+        if scorer is not None:
+            result["reward"] = {
+                "name": reward,
+                "base": base_reward,
+                "aligned": float(scorer.score(texts, aligned_images).mean()),
+            }
         reports.append(
             {
                 "aligned_folder": str(folder),
@@ -174,6 +189,7 @@ def aligned_vs_base(
                 "split": split,
                 "seeds_per_prompt": seeds_per_prompt,
                 "sampling": {"steps": steps, "guidance_scale": guidance_scale, "device": device},
+                **({"reward": result["reward"]} if "reward" in result else {}),
             }
         )
     return reports if isinstance(aligned, list) else reports[0]
@@ -263,6 +279,13 @@ class ToyJudgeConfig:
     )
     toy_eval_steps: int = field(default=20, metadata={"range": "> 0", "help": "Sampling steps."})
     toy_eval_guidance: float = field(default=5.0, metadata={"range": ">= 1", "help": "Guidance."})
+    toy_eval_reward: str | None = field(
+        default=None,
+        metadata={
+            "help": "Also score base and aligned samples with this reward (e.g. the run's "
+            "learned reward), to see it beside the oracle."
+        },
+    )
 
     def __post_init__(self):
         check_fields(self)
@@ -287,6 +310,7 @@ def judge_toy_run(base: str | Path, final: str | Path, judge: ToyJudgeConfig) ->
         judge.toy_eval_steps,
         judge.toy_eval_guidance,
         split=judge.toy_eval_split,
+        reward=judge.toy_eval_reward,
     )
     metrics_path = final / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
@@ -301,6 +325,9 @@ def judge_toy_run(base: str | Path, final: str | Path, judge: ToyJudgeConfig) ->
         "fixed / broken "
         + ", ".join(f"{k} {v['fixed']} / {v['broken']}" for k, v in changes.items())
     )
+    if "reward" in report:
+        scores = report["reward"]
+        line += f"; mean {scores['name']} {scores['base']:.3f} -> {scores['aligned']:.3f}"
     card = final / "README.md"
     if card.exists():
         atomic_write_text(card, card.read_text() + f"- {line}\n")
