@@ -55,13 +55,21 @@ def test_ci_runs_make_test():
 
 def test_every_shipped_recipe_config_parses():
     """Each YAML under recipes/configs loads into its recipe's config class without unknown keys."""
+    from align.ddpo import DDPOConfig
     from align.dpo import DPOConfig
+    from align.reward_weighted import RewardWeightedConfig
     from eval.toy.judge import ToyJudgeConfig
     from eval.toy.pretrain import PretrainToyConfig
     from reward.runtime import parse_config
     from reward.train import RewardConfig
 
-    classes = {"toy": PretrainToyConfig, "reward": RewardConfig, "dpo": (DPOConfig, ToyJudgeConfig)}
+    classes = {
+        "toy": PretrainToyConfig,
+        "reward": RewardConfig,
+        "dpo": (DPOConfig, ToyJudgeConfig),
+        "ddpo": (DDPOConfig, ToyJudgeConfig),
+        "reward_weighted": (RewardWeightedConfig, ToyJudgeConfig),
+    }
     configs = sorted((REPO / "recipes" / "configs").rglob("*.yaml"))
     assert configs
     for path in configs:
