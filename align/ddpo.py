@@ -81,16 +81,6 @@ class DDPOConfig(OnlineConfig):
         },
     )
     learning_rate: float = field(default=3e-4, metadata={"range": "> 0", "help": "Learning rate."})
-    warmup_steps: int = field(
-        default=0, metadata={"range": ">= 0", "help": "Learning-rate warmup steps."}
-    )
-    lr_scheduler: str = field(
-        default="constant",
-        metadata={
-            "choices": ("constant", "constant_with_warmup", "linear", "cosine"),
-            "help": "A diffusers scheduler name.",
-        },
-    )
 
     def __post_init__(self):
         super().__post_init__()

@@ -44,6 +44,17 @@ class OnlineConfig(UNetTuneConfig):
             "help": "Rounds to run; a round samples, scores and trains on what it sampled.",
         },
     )
+    # Online runs step once or a few times a round: no warmup by default.
+    warmup_steps: int = field(
+        default=0, metadata={"range": ">= 0", "help": "Learning-rate warmup steps."}
+    )
+    lr_scheduler: str = field(
+        default="constant",
+        metadata={
+            "choices": ("constant", "constant_with_warmup", "linear", "cosine"),
+            "help": "A diffusers scheduler name.",
+        },
+    )
     reward: str = field(
         default="pickscore",
         metadata={

@@ -16,6 +16,7 @@ import torch
 
 from align.models import DiffusionParts
 from align.sampler import sample
+from reward.runtime import atomic_write_json
 
 
 @dataclass
@@ -83,8 +84,6 @@ def write_ranking(results, out: str | Path) -> Path:
     """Write ``out/<k>/<rank>-seed<seed>.png`` for prompt k's candidates (``best.png`` a copy of
     the first) and ``out/ranking.json`` with every candidate's prompt, seed, score, rank and
     path. Returns the manifest's path."""
-    from reward.runtime import atomic_write_json
-
     out = Path(out)
     manifest = []
     for k, (candidates, images) in enumerate(results):

@@ -87,16 +87,6 @@ class RewardWeightedConfig(OnlineConfig):
         default=1.0, metadata={"range": ">= 0", "help": "Weight of the regularizer's loss."}
     )
     learning_rate: float = field(default=1e-4, metadata={"range": "> 0", "help": "Learning rate."})
-    warmup_steps: int = field(
-        default=0, metadata={"range": ">= 0", "help": "Learning-rate warmup steps."}
-    )
-    lr_scheduler: str = field(
-        default="constant",
-        metadata={
-            "choices": ("constant", "constant_with_warmup", "linear", "cosine"),
-            "help": "A diffusers scheduler name.",
-        },
-    )
 
     def __post_init__(self):
         super().__post_init__()
