@@ -8,7 +8,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: env demo test lint format bench clean
+.PHONY: env demo test lint format bench clean browser
 
 env: $(STAMP)
 
@@ -33,8 +33,14 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint
-	$(BIN)/python -m pytest
+# The report's browser test drives Debian's Chromium through ChromeDriver (installed as root when
+# missing); under `make test` that test fails rather than skips without them.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -q && apt-get install -y -q chromium chromium-driver)
+
+test: lint browser
+	PICKALIGN_REQUIRE_BROWSER=1 $(BIN)/python -m pytest
 
 bench: $(STAMP)
 	$(BIN)/python bench/reward_throughput.py

@@ -3,6 +3,9 @@
 - ``toy`` or ``toy:<split>``: the toy world's prompts (``train`` by default; ``validation``,
   ``test``);
 - a ``.txt`` file: one prompt per line (blank lines skipped);
+- a table, ``.csv``, ``.tsv``, ``.jsonl``, ``.json`` (a list of rows or of strings) or
+  ``.parquet``, with a ``caption`` or ``prompt`` column (also ``prompts``, ``text``, any case;
+  ``FILE:COLUMN`` names another): PartiPrompts' tsv, DrawBench's csv, HPDv2's json;
 - a Pick-a-Pic dataset, a Hub id or a local folder, with ``:<split>`` (default ``train``): its
   captions, read without decoding an image.
 
@@ -11,6 +14,7 @@ Prompts come back de-duplicated in their first order, empty and whitespace-only 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 
@@ -21,6 +25,45 @@ def _unique(prompts) -> list[str]:
 def _split(spec: str, default: str) -> tuple[str, str]:
     source, _, split = spec.partition(":")
     return source, split or default
+
+
+TABLES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
+PROMPT_COLUMNS = ("caption", "prompt", "prompts", "text")
+
+
+def _table_prompts(spec: str) -> list[str]:
+    """The prompt column of a table file ``spec`` (``FILE`` or ``FILE:COLUMN``)."""
+    import pandas as pd
+
+    path, column = spec, None
+    if not spec.endswith(TABLES) and ":" in spec:
+        path, _, column = spec.rpartition(":")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"prompts {spec!r}: no such file")
+    suffix = Path(path).suffix
+    if suffix == ".parquet":
+        table = pd.read_parquet(path)
+    elif suffix == ".jsonl":
+        table = pd.read_json(path, lines=True)
+    elif suffix == ".json":
+        rows = json.loads(Path(path).read_text())
+        table = pd.DataFrame({"prompt": rows} if rows and isinstance(rows[0], str) else rows)
+    else:
+        table = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",")
+    if column is None:
+        by_lower = {str(c).lower(): c for c in table.columns}
+        column = next((by_lower[c] for c in PROMPT_COLUMNS if c in by_lower), None)
+        if column is None:
+            raise ValueError(
+                f"prompts {spec!r}: no caption or prompt column (columns: "
+                f"{', '.join(map(str, table.columns))}); name one as FILE:COLUMN"
+            )
+    elif column not in table.columns:
+        raise ValueError(
+            f"prompts {spec!r}: no column {column!r} (columns: "
+            f"{', '.join(map(str, table.columns))})"
+        )
+    return [p.strip() for p in table[column].tolist() if isinstance(p, str)]
 
 
 def load_prompts(spec: str, limit: int | None = None) -> list[str]:
@@ -38,6 +81,8 @@ def load_prompts(spec: str, limit: int | None = None) -> list[str]:
         if not path.is_file():
             raise FileNotFoundError(f"prompts {spec!r}: no such file")
         prompts = _unique(line.strip() for line in path.read_text().splitlines())
+    elif spec.endswith(TABLES) or spec.rpartition(":")[0].endswith(TABLES):
+        prompts = _table_prompts(spec)
     else:
         from reward.data import load_pickapic
 

@@ -3,6 +3,9 @@
 - ``toy-oracle``: the toy world's ground truth (``reward.toyworld.OracleReward``);
 - ``pickscore`` or ``pickscore:<model>``: ``reward.PickScore`` in this process (a Hub id or a
   folder the reward recipe wrote; default PickScore_v1), scoring decoded tensors directly;
+- ``clip`` or ``clip:<model>``: CLIP score, 100 * max(cos, 0) (default CLIP ViT-L/14);
+- ``aesthetic:<weights.pth>`` or ``aesthetic:<weights.pth>:<clip model>``: the LAION aesthetic
+  predictor from its local weights file, on CLIP ViT-L/14 unless another CLIP is named;
 - ``<module>:<function>``: any callable ``(prompts, images) -> scores``, from an installed module
   or one in the current directory.
 
@@ -46,10 +49,20 @@ def load_reward(spec: str, device=None):
 
         model = spec.partition(":")[2] or PICKSCORE_MODEL
         return PickScore.from_pretrained(model, device=device)
+    if spec == "clip" or spec.startswith("clip:"):
+        from reward.scorers import CLIP_SCORE_MODEL, ClipScore
+
+        return ClipScore.from_pretrained(spec.partition(":")[2] or CLIP_SCORE_MODEL, device)
+    if spec.startswith("aesthetic:"):
+        from reward.scorers import CLIP_SCORE_MODEL, AestheticScore
+
+        weights, _, clip = spec.removeprefix("aesthetic:").partition(":")
+        return AestheticScore.from_files(weights, clip or CLIP_SCORE_MODEL, device)
     module_name, _, function_name = spec.partition(":")
     if not module_name or not function_name:
         raise ValueError(
-            f"reward {spec!r}: expected toy-oracle, pickscore[:MODEL] or module:function"
+            f"reward {spec!r}: expected toy-oracle, pickscore[:MODEL], clip[:MODEL], "
+            "aesthetic:WEIGHTS[:CLIP] or module:function"
         )
     if os.getcwd() not in sys.path:  # a module beside the user's config, as ``python -m`` finds it
         sys.path.insert(0, os.getcwd())

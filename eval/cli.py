@@ -4,6 +4,7 @@ pickalign data inspect SOURCE [--split S] [--skip-bad]   count rows, pairs, ties
 pickalign score --model M --prompt P IMAGE...             PickScore of images for one prompt
 pickalign reward-eval --model M --data D                  preference accuracy of a reward
 pickalign rank --model PIPE [--lora DIR] --prompt P --n 8 --out DIR   best-of-n by a reward
+pickalign eval --config eval.yaml [--FIELD VALUE]          generate, score, compare: report.html
 pickalign toy data --out DIR                              a toy dataset in the Pick-a-Pic schema
 pickalign toy eval PIPE [--against P | --aligned RUN]     oracle adherence and win rates
 pickalign toy rank-eval PIPE [--n 8]                      best-of-n by the toy PickScore, judged
@@ -258,6 +259,18 @@ def _rank(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
+    from eval.suite import config_help, evaluate, load_config
+
+    if args.fields:
+        print(config_help())
+        return 0
+    report = evaluate(load_config(args.config, overrides))
+    if report is not None:
+        print(f"report: {report.resolve()}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from eval.toy.demo import run_demo
 
@@ -399,6 +412,16 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--out", required=True, help="folder for the images and ranking.json")
     rank.set_defaults(run=_rank)
 
+    evaluation = commands.add_parser(
+        "eval",
+        help="evaluate models on a prompt set: images, scores, win rates, report.html",
+        description="Evaluate models (eval/suite.py). Any --FIELD VALUE after the config "
+        "overrides that field; --fields lists them.",
+    )
+    evaluation.add_argument("--config", help="an eval YAML, e.g. recipes/configs/eval/toy.yaml")
+    evaluation.add_argument("--fields", action="store_true", help="list the config's fields")
+    evaluation.set_defaults(run=_eval, takes_overrides=True)
+
     demo = commands.add_parser("demo", help="run the offline end-to-end demo")
     demo.add_argument("--out", default="outputs/demo")
     demo.set_defaults(run=_demo)
@@ -409,7 +432,11 @@ def main(argv: list[str] | None = None) -> int:
     from reward.runtime import run_cli
 
     def run(argv: list[str]) -> int:
-        args = build_parser().parse_args(argv)
+        args, rest = build_parser().parse_known_args(argv)
+        if getattr(args, "takes_overrides", False):
+            return args.run(args, rest)
+        if rest:
+            build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
         return args.run(args)
 
     return run_cli(run, argv)

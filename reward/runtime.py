@@ -310,7 +310,7 @@ def make_accelerator(
         # A multi-process launch without CUDA otherwise runs N unsynchronised copies.
         cpu=on_cpu and not use_deepspeed,
     )
-    _check_world(accelerator)
+    check_world(accelerator)
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
         if micro_batch_size is not None:
@@ -323,7 +323,7 @@ def make_accelerator(
     return accelerator
 
 
-def _check_world(accelerator) -> None:
+def check_world(accelerator) -> None:
     """Refuse to train when the launcher started N processes that would each train alone."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and accelerator.num_processes != launched:
