@@ -192,8 +192,15 @@ def load_lora(pipe, folder: str | Path, adapter_name: str | None = None):
             )
     state = read_lora(folder)
     check_lora_fits(state, pipe.unet, source=f"LoRA in {folder}")
+    from diffusers.utils import logging as diffusers_logging
+
     before = set(getattr(pipe.unet, "peft_config", {}) or {})
-    pipe.load_lora_weights(str(folder), adapter_name=adapter_name)
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # not "no LoRA keys for the text encoders" per load
+    try:
+        pipe.load_lora_weights(str(folder), adapter_name=adapter_name)
+    finally:
+        diffusers_logging.set_verbosity(level)
     added = set(getattr(pipe.unet, "peft_config", {}) or {}) - before
     # diffusers skips keys it does not recognise with only a warning: make that an error.
     wanted = {found[0] for key in state if (found := _lora_target(key.removeprefix("unet.")))}

@@ -10,7 +10,7 @@ pickalign toy eval PIPE [--against P | --aligned RUN]     oracle adherence and w
 pickalign toy rank-eval PIPE [--n 8]                      best-of-n by the toy PickScore, judged
 pickalign toy oracle-check                                the oracle's accuracy on renders
 pickalign models build --out DIR                          save the tiny offline test models
-pickalign demo [--out DIR]                                the offline end-to-end demo
+pickalign demo [--out DIR]                                the whole loop on the toy world
 
 Errors are one line and a non-zero exit; add --debug (or set PICKALIGN_DEBUG=1) for a traceback.
 """
@@ -274,7 +274,7 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from eval.toy.demo import run_demo
 
-    run_demo(Path(args.out))
+    run_demo(args.out)
     return 0
 
 
@@ -422,7 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--fields", action="store_true", help="list the config's fields")
     evaluation.set_defaults(run=_eval, takes_overrides=True)
 
-    demo = commands.add_parser("demo", help="run the offline end-to-end demo")
+    demo = commands.add_parser(
+        "demo", help="the whole loop on the toy world: DPO, online, ranking, report.html"
+    )
     demo.add_argument("--out", default="outputs/demo")
     demo.set_defaults(run=_demo)
     return parser

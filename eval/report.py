@@ -43,7 +43,7 @@ def fig(results: dict, key: str, digits: int = 3) -> str:
     """The figure at ``key`` (dotted path into ``results``) as a traceable span."""
     value = results
     for part in key.split("."):
-        value = value[int(part)] if isinstance(value, list) else value[part]
+        value = value[int(part)] if isinstance(value, (list, tuple)) else value[part]
     text = str(value) if isinstance(value, int) else f"{value:.{digits}f}"
     return f'<span class="fig" data-key="{_esc(key)}">{text}</span>'
 
@@ -181,7 +181,7 @@ def _settings(results: dict) -> str:
             for k in results["scorer_names"]
         )
         + ".</p><table><tr><th class='name'>model</th><th class='name'>pipeline</th>"
-        "<th class='name'>with</th><th>generation s</th></tr>" + "".join(rows) + "</table>"
+        "<th class='name'>with</th><th>sampling s</th></tr>" + "".join(rows) + "</table>"
     )
 
 

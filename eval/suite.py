@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from eval.generate import ModelSpec, generate_model, make_items, write_manifest
+from eval.generate import ModelSpec, generate_model, make_items, read_records, write_manifest
 from reward.runtime import ConfigError, atomic_write_json, check_fields, check_world
 
 
@@ -265,8 +265,17 @@ def evaluate(config: EvalConfig, progress: bool = True) -> Path | None:
             "data": config.reward_data,
             **evaluate_reward(scorer, config.reward_data),
         }
+    records = read_records(out)
     results["seconds"] = {
-        "generation": {name: figures["seconds"] for name, figures in generation.items()},
+        # sampling time of each model's images, summed over processes and over the runs that
+        # made them (a resumed evaluation counts the earlier run's share too)
+        "generation": {
+            spec.name: round(
+                sum(records[(spec.name, item.index)].get("seconds", 0.0) for item in items), 1
+            )
+            for spec in config.models
+        },
+        "this_run": {name: figures["seconds"] for name, figures in generation.items()},
         "scoring": round(time.perf_counter() - scoring_started, 1),
         "total": round(time.perf_counter() - started, 1),
     }

@@ -120,9 +120,7 @@ def test_win_rates_are_symmetric_and_inside_their_intervals():
 
     rng = np.random.default_rng(0)
     prompts = [f"p{k // 2}" for k in range(40)]
-    scores = {
-        m: {"s": np.round(rng.normal(shift, 1, 40))} for m, shift in (("a", 0.3), ("b", 0))
-    }
+    scores = {m: {"s": np.round(rng.normal(shift, 1, 40))} for m, shift in (("a", 0.3), ("b", 0))}
     rates = score_figures(scores, prompts)["win_rates"]["s"]
     ab, ba = rates["a"]["b"], rates["b"]["a"]
     assert ab["estimate"] == pytest.approx(1 - ba["estimate"])
@@ -374,3 +372,35 @@ def test_eval_command_line_reports_a_bad_field_in_one_line(tmp_path, tiny_models
     assert "unknown field(s) ['seeds']" in capsys.readouterr().err
     assert main(["eval", "--fields"]) == 0
     assert "rank_by" in capsys.readouterr().out
+
+
+def test_a_lora_model_samples_what_stock_diffusers_samples_at_its_scale(tiny_models, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from align.lora import add_lora, save_lora
+    from align.sampler import generate
+    from eval.generate import ModelSpec, load_pipeline
+
+    unet = DiffusionPipeline.from_pretrained(tiny_models["sd"]).unet
+    add_lora(unet, rank=4)
+    torch.manual_seed(0)
+    for name, parameter in unet.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.5)
+    save_lora(unet, tmp_path / "lora")
+    prompts, seeds = ["a red circle on a blue background"] * 2, [0, 1]
+    images = {}
+    for scale in (1.0, 0.3):
+        stock = DiffusionPipeline.from_pretrained(tiny_models["sd"])
+        stock.load_lora_weights(tmp_path / "lora", adapter_name="x")
+        stock.set_adapters(["x"], adapter_weights=[scale])
+        spec = ModelSpec("m", str(tiny_models["sd"]), lora=str(tmp_path / "lora"), lora_scale=scale)
+        ours = load_pipeline(spec, "cpu")
+        expected, got = generate(stock, prompts, seeds, 3), generate(ours, prompts, seeds, 3)
+        for a, b in zip(expected, got):
+            assert np.abs(np.asarray(a, int) - np.asarray(b, int)).max() <= 2
+        images[scale] = np.asarray(got[0], int)
+    base = np.asarray(
+        generate(DiffusionPipeline.from_pretrained(tiny_models["sd"]), prompts, seeds, 3)[0], int
+    )
+    assert np.abs(images[1.0] - images[0.3]).max() > 10 and np.abs(images[1.0] - base).max() > 10
