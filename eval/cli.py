@@ -5,6 +5,7 @@ pickalign score --model M --prompt P IMAGE...             PickScore of images fo
 pickalign reward-eval --model M --data D                  preference accuracy of a reward
 pickalign rank --model PIPE [--lora DIR] --prompt P --n 8 --out DIR   best-of-n by a reward
 pickalign eval --config eval.yaml [--FIELD VALUE]          generate, score, compare: report.html
+pickalign arena --config arena.yaml [--export DIR]          the preference arena (or its export)
 pickalign toy data --out DIR                              a toy dataset in the Pick-a-Pic schema
 pickalign toy eval PIPE [--against P | --aligned RUN]     oracle adherence and win rates
 pickalign toy rank-eval PIPE [--n 8]                      best-of-n by the toy PickScore, judged
@@ -271,6 +272,47 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _arena(args: argparse.Namespace, overrides: list[str]) -> int:
+    import os
+    import secrets
+
+    from eval.arena.config import ArenaConfig, ArenaModel
+    from eval.suite import config_help, load_config
+
+    if args.fields:
+        print(config_help(ArenaConfig, ("models", ArenaModel)))
+        return 0
+    if not args.config:
+        raise SystemExit("pickalign arena: give --config arena.yaml (--fields lists its fields)")
+    config = load_config(args.config, overrides, ArenaConfig)
+    if args.export:
+        from eval.arena.export import export
+        from eval.arena.store import open_engine
+
+        sizes = export(
+            open_engine(config.database),
+            config.images_dir,
+            args.export,
+            config.validation_fraction,
+            config.test_fraction,
+        )
+        for split, rows in sizes.items():
+            print(f"{split:18s} {rows}")
+        print(f"written to {Path(args.export).resolve()}")
+        return 0
+    import uvicorn
+
+    from eval.arena.app import create_app
+
+    token = config.admin_token or os.environ.get("PICKALIGN_ARENA_TOKEN") or secrets.token_hex(16)
+    app = create_app(config, token)
+    print(f"arena ({config.mode} mode) on http://{config.host}:{config.port}/")
+    if not (config.admin_token or os.environ.get("PICKALIGN_ARENA_TOKEN")):
+        print(f"admin token for this run: {token}")
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from eval.toy.demo import run_demo
 
@@ -421,6 +463,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--config", help="an eval YAML, e.g. recipes/configs/eval/toy.yaml")
     evaluation.add_argument("--fields", action="store_true", help="list the config's fields")
     evaluation.set_defaults(run=_eval, takes_overrides=True)
+
+    arena = commands.add_parser(
+        "arena",
+        help="the preference arena: raters judge pairs into a database; --export writes them",
+        description="Serve the arena (eval/arena). Any --FIELD VALUE after the config overrides "
+        "that field; --fields lists them.",
+    )
+    arena.add_argument("--config", help="an arena YAML, e.g. recipes/configs/arena/toy.yaml")
+    arena.add_argument(
+        "--export", metavar="DIR", help="write the Pick-a-Pic export and judgments.csv, then exit"
+    )
+    arena.add_argument("--fields", action="store_true", help="list the config's fields")
+    arena.set_defaults(run=_arena, takes_overrides=True)
 
     demo = commands.add_parser(
         "demo", help="the whole loop on the toy world: DPO, online, ranking, report.html"

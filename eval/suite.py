@@ -115,11 +115,16 @@ def _model_spec(entry) -> ModelSpec:
     return ModelSpec(**entry)
 
 
-def config_help() -> str:
-    lines = ["EvalConfig fields (YAML keys; --FIELD VALUE overrides a top-level one):"]
-    for spec in (EvalConfig, ModelSpec):
-        if spec is ModelSpec:
-            lines.append("each entry of models:")
+def config_help(config_type=None, nested=None) -> str:
+    """Every field of ``config_type`` (default EvalConfig) and of its ``nested`` entry type."""
+    config_type = config_type or EvalConfig
+    nested = nested if config_type is not EvalConfig else ("models", ModelSpec)
+    lines = [f"{config_type.__name__} fields (YAML keys; --FIELD VALUE overrides a top-level one):"]
+    for spec in (config_type, nested[1] if nested else None):
+        if spec is None:
+            continue
+        if nested and spec is nested[1]:
+            lines.append(f"each entry of {nested[0]}:")
         for item in dataclasses.fields(spec):
             accepts = item.metadata.get("range") or item.metadata.get("choices")
             default = "required" if item.default is dataclasses.MISSING else item.default
@@ -133,8 +138,10 @@ def config_help() -> str:
     return "\n".join(lines)
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> EvalConfig:
-    """The YAML at ``path`` with ``--FIELD VALUE`` overrides (values parsed as YAML)."""
+def load_config(path: str | Path | None, overrides: list[str] = (), config_type=None):
+    """``config_type`` (default EvalConfig) from the YAML at ``path`` with ``--FIELD VALUE``
+    overrides (values parsed as YAML). Unknown and missing fields are one-line errors."""
+    config_type = config_type or EvalConfig
     data = {}
     if path is not None:
         if not Path(path).is_file():
@@ -149,14 +156,19 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> EvalConfi
             raise ConfigError(f"expected --FIELD VALUE pairs after the config, got {flag!r}")
         key, value = flag[2:].replace("-", "_"), overrides.pop(0)
         data[key] = yaml.safe_load(value) if value.lower() not in ("none", "") else None
-    hints = typing.get_type_hints(EvalConfig)
+    hints = typing.get_type_hints(config_type)
     unknown = sorted(set(data) - set(hints))
     if unknown:
         raise ConfigError(f"unknown field(s) {unknown}; see --help for the fields")
-    missing = [k for k in ("models", "scorers") if k not in data]
+    required = [
+        f.name
+        for f in dataclasses.fields(config_type)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    missing = [k for k in required if k not in data]
     if missing:
         raise ConfigError(f"config: {', '.join(missing)} missing")
-    return EvalConfig(**data)
+    return config_type(**data)
 
 
 def _state():

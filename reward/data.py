@@ -559,6 +559,16 @@ def pickapic_arrow_schema():
     return pa.schema([(name, types.get(name, pa.string())) for name in PICKAPIC_COLUMNS])
 
 
+def unique_prompt_rows(rows: list[dict]) -> list[dict]:
+    """One row per prompt (the first), num_example_per_prompt 1: the ``*_unique`` splits."""
+    seen, unique = set(), []
+    for row in rows:
+        if row["caption"] not in seen:
+            seen.add(row["caption"])
+            unique.append({**row, "num_example_per_prompt": 1})
+    return unique
+
+
 def write_split(rows: list[dict], folder: str | Path, split: str) -> Path:
     """Write ``rows`` (dicts with the 19 columns) as ``folder/data/<split>-00000-of-00001.parquet``,
     the Hub layout, so ``load_pickapic(folder)`` and ``load_dataset("parquet", ...)`` read it.

@@ -58,6 +58,8 @@ def test_every_shipped_recipe_config_parses():
     from align.ddpo import DDPOConfig
     from align.dpo import DPOConfig
     from align.reward_weighted import RewardWeightedConfig
+    from eval.arena.config import ArenaConfig
+    from eval.suite import load_config
     from eval.toy.judge import ToyJudgeConfig
     from eval.toy.pretrain import PretrainToyConfig
     from reward.runtime import parse_config
@@ -74,6 +76,14 @@ def test_every_shipped_recipe_config_parses():
     assert configs
     for path in configs:
         assert path.read_text().startswith("#") and "Launch" in path.read_text(), path
+        if path.parent.name == "arena":  # YAML with nested entries: eval.suite.load_config
+            config = load_config(path, [], ArenaConfig)
+            assert config.images_dir.startswith("outputs/"), path
+            continue
+        if path.parent.name == "eval":
+            config = load_config(path)
+            assert config.output_dir.startswith("outputs/"), path
+            continue
         config = parse_config(classes[path.parent.name], ["--config", str(path)])
         config = config[0] if isinstance(config, tuple) else config
         assert config.output_dir.startswith("outputs/"), path

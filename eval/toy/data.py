@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from align.sampler import generate
-from reward.data import write_split
+from reward.data import unique_prompt_rows, write_split
 from reward.toyworld import COLOURS, SHAPES, Attributes, prefer, prompt_splits, render
 
 TOY_MODELS = Path(__file__).parent / "assets"
@@ -175,16 +175,6 @@ def _rows(plans, rng, start_index: int) -> list[dict]:
     return rows
 
 
-def _unique(rows: list[dict]) -> list[dict]:
-    """One example per prompt (the first), with num_example_per_prompt set to 1."""
-    seen, unique = set(), []
-    for row in rows:
-        if row["caption"] not in seen:
-            seen.add(row["caption"])
-            unique.append({**row, "num_example_per_prompt": 1})
-    return unique
-
-
 def generate_toy_dataset(
     out: str | Path,
     seed: int = 0,
@@ -217,8 +207,8 @@ def generate_toy_dataset(
         _make_images(plans, base_models, sample_steps)
         written[split] = _rows(plans, rng, start)
         start += len(plans)
-    written["validation_unique"] = _unique(written["validation"])
-    written["test_unique"] = _unique(written["test"])
+    written["validation_unique"] = unique_prompt_rows(written["validation"])
+    written["test_unique"] = unique_prompt_rows(written["test"])
     for split, rows in written.items():
         write_split(rows, out, split)
         sizes[split] = len(rows)

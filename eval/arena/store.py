@@ -1,0 +1,167 @@
+"""The arena's database, through SQLAlchemy: SQLite in WAL mode by default, any SQLAlchemy URL
+(PostgreSQL for a team).
+
+Two tables. ``images``: every image shown, stored once as a PNG under the images folder and
+addressed by its uid (32 hex digits), with the model, prompt and seed that made it (or the eval
+manifest path it came from). ``judgments``: one row per decision, keyed by a uid the browser
+makes, so a retried request never counts twice, with the rater, the prompt, the two image uids as
+shown (left, right), the choice (left, right, tie), when the pair was shown and decided, and the
+decision latency. A judgment is committed (SQLite: ``synchronous=FULL``) before the server
+answers, so an acknowledged judgment survives a killed server.
+"""
+
+from __future__ import annotations
+
+import datetime
+import uuid
+from pathlib import Path
+
+from sqlalchemy import (
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    create_engine,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+CHOICES = ("left", "right", "tie")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ImageRow(Base):
+    __tablename__ = "images"
+
+    uid: Mapped[str] = mapped_column(String(32), primary_key=True)
+    prompt: Mapped[str] = mapped_column(String(2000))
+    model: Mapped[str] = mapped_column(String(200))
+    seed: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    source: Mapped[str | None] = mapped_column(String(1000), nullable=True)  # manifest path
+    created_at: Mapped[datetime.datetime] = mapped_column(DateTime, default=func.now())
+
+
+class JudgmentRow(Base):
+    __tablename__ = "judgments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    uid: Mapped[str] = mapped_column(String(36), unique=True)  # made by the browser: idempotent
+    rater: Mapped[str] = mapped_column(String(64), index=True)
+    mode: Mapped[str] = mapped_column(String(16))
+    prompt: Mapped[str] = mapped_column(String(2000))
+    left_uid: Mapped[str] = mapped_column(String(32), ForeignKey("images.uid"))
+    right_uid: Mapped[str] = mapped_column(String(32), ForeignKey("images.uid"))
+    choice: Mapped[str] = mapped_column(String(8))
+    shown_at: Mapped[datetime.datetime] = mapped_column(DateTime)
+    decided_at: Mapped[datetime.datetime] = mapped_column(DateTime)
+    latency_ms: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime.datetime] = mapped_column(DateTime, default=func.now())
+
+
+def new_uid() -> str:
+    return uuid.uuid4().hex
+
+
+def open_engine(url: str):
+    """An engine for ``url`` with the tables created. SQLite: WAL journal, full fsync on commit,
+    and a busy timeout, so concurrent raters wait for the writer instead of failing."""
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    sqlite = url.startswith("sqlite")
+    engine = create_engine(
+        url,
+        connect_args={"timeout": 30, "check_same_thread": False} if sqlite else {},
+        pool_pre_ping=not sqlite,
+    )
+    if sqlite:
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(connection, _record):
+            cursor = connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+    Base.metadata.create_all(engine)
+    return engine
+
+
+def add_image(engine, images_dir: Path, image, prompt: str, model: str, seed=None, source=None):
+    """Store ``image`` (PIL) as ``images_dir/<uid>.png`` and its row; returns the uid."""
+    from reward.runtime import atomic_path
+
+    uid = new_uid()
+    with atomic_path(Path(images_dir) / f"{uid}.png") as tmp:
+        image.save(tmp, format="PNG")
+    with Session(engine) as session, session.begin():
+        session.add(ImageRow(uid=uid, prompt=prompt, model=model, seed=seed, source=source))
+    return uid
+
+
+def image_for_source(engine, source: str) -> str | None:
+    """The uid of the image already stored for an eval manifest path, if any."""
+    with Session(engine) as session:
+        return session.scalar(select(ImageRow.uid).where(ImageRow.source == source).limit(1))
+
+
+def record_judgment(engine, **fields) -> tuple[bool, int]:
+    """Commit one judgment; (True, its id), or (False, the earlier id) when a judgment with the
+    same uid was already recorded (a retried request)."""
+    try:
+        with Session(engine) as session, session.begin():
+            row = JudgmentRow(**fields)
+            session.add(row)
+            session.flush()
+            return True, row.id
+    except IntegrityError:
+        with Session(engine) as session:
+            earlier = session.scalar(select(JudgmentRow.id).where(JudgmentRow.uid == fields["uid"]))
+        if earlier is None:  # another constraint (an unknown image uid): not a retry
+            raise
+        return False, earlier
+
+
+def count_judgments(engine, rater: str | None = None) -> int:
+    with Session(engine) as session:
+        query = select(func.count(JudgmentRow.id))
+        if rater is not None:
+            query = query.where(JudgmentRow.rater == rater)
+        return int(session.scalar(query))
+
+
+def all_judgments(engine) -> list[dict]:
+    """Every judgment with its two images' rows, oldest first."""
+    with Session(engine) as session:
+        images = {row.uid: row for row in session.scalars(select(ImageRow))}
+        rows = []
+        for j in session.scalars(select(JudgmentRow).order_by(JudgmentRow.id)):
+            left, right = images[j.left_uid], images[j.right_uid]
+            rows.append(
+                {
+                    "id": j.id,
+                    "uid": j.uid,
+                    "rater": j.rater,
+                    "mode": j.mode,
+                    "prompt": j.prompt,
+                    "left_uid": j.left_uid,
+                    "right_uid": j.right_uid,
+                    "left_model": left.model,
+                    "right_model": right.model,
+                    "left_source": left.source,
+                    "right_source": right.source,
+                    "choice": j.choice,
+                    "shown_at": j.shown_at,
+                    "decided_at": j.decided_at,
+                    "latency_ms": j.latency_ms,
+                }
+            )
+        return rows
