@@ -8,7 +8,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: env demo test lint format bench clean browser
+.PHONY: env demo test lint format bench clean system
 
 env: $(STAMP)
 
@@ -33,14 +33,15 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# The report's browser test drives Debian's Chromium through ChromeDriver (installed as root when
-# missing); under `make test` that test fails rather than skips without them.
-browser:
-	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
-		(apt-get update -q && apt-get install -y -q chromium chromium-driver)
+# The report's and the arena's browser tests drive Debian's Chromium through ChromeDriver, and the
+# arena's load test starts a PostgreSQL server: installed as root when missing. Under `make test`
+# those tests fail rather than skip without them.
+system:
+	@(command -v chromium && command -v chromedriver && ls /usr/lib/postgresql/*/bin/initdb) \
+		>/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q chromium chromium-driver postgresql)
 
-test: lint browser
-	PICKALIGN_REQUIRE_BROWSER=1 $(BIN)/python -m pytest
+test: lint system
+	PICKALIGN_REQUIRE_SYSTEM=1 $(BIN)/python -m pytest
 
 bench: $(STAMP)
 	$(BIN)/python bench/reward_throughput.py

@@ -297,7 +297,7 @@ def chrome():
     """Debian's Chromium, headless, through ChromeDriver (None when they are not installed)."""
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver):
-        if os.environ.get("PICKALIGN_REQUIRE_BROWSER"):
+        if os.environ.get("PICKALIGN_REQUIRE_SYSTEM"):
             pytest.fail(
                 "chromium and chromedriver are needed: apt-get install chromium chromium-driver"
             )
