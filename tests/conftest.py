@@ -67,3 +67,14 @@ def launch(config: str, script: str, *args: str, timeout: int = 300) -> subproce
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+@pytest.fixture(scope="session")
+def tiny_evaluation(tiny_models, tmp_path_factory) -> Path:
+    """One small evaluation (3 tiny-SD models x 3 prompts x 2 seeds, tests.test_eval's config),
+    shared read-only by the evaluation and arena tests."""
+    from eval.suite import evaluate, load_config
+    from tests.test_eval import write_config
+
+    tmp_path = tmp_path_factory.mktemp("tiny_evaluation")
+    return evaluate(load_config(write_config(tmp_path, tiny_models)), progress=False).parent

@@ -9,18 +9,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.test_eval import write_config
-
 pytest.importorskip("fastapi")
 
 
-@pytest.fixture(scope="module")
-def evaluation(tiny_models, tmp_path_factory) -> Path:
-    """A tiny evaluation (3 models x 6 items) for compare mode."""
-    from eval.suite import evaluate, load_config
-
-    tmp_path = tmp_path_factory.mktemp("arena_eval")
-    return evaluate(load_config(write_config(tmp_path, tiny_models)), progress=False).parent
+@pytest.fixture
+def evaluation(tiny_evaluation) -> Path:
+    """The shared small evaluation (conftest) that compare mode draws pairs from."""
+    return tiny_evaluation
 
 
 def arena(tmp_path, **settings):

@@ -18,7 +18,6 @@ from bench.arena_load import (
     stored_uids,
     write_arena_config,
 )
-from tests.test_arena import evaluation  # noqa: F401 - the module fixture
 from tests.test_eval import chrome
 
 pytestmark = pytest.mark.integration
@@ -32,13 +31,13 @@ def require_postgres():
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
-def test_fifty_raters_lose_and_duplicate_no_judgment(evaluation, tmp_path, backend):  # noqa: F811
+def test_fifty_raters_lose_and_duplicate_no_judgment(tiny_evaluation, tmp_path, backend):
     if backend == "postgres":
         require_postgres()
     postgres = PostgresServer() if backend == "postgres" else None
     database = postgres.__enter__() if postgres else f"sqlite:///{tmp_path / 'arena.db'}"
     try:
-        config = write_arena_config(tmp_path, evaluation, database, per_minute=200)
+        config = write_arena_config(tmp_path, tiny_evaluation, database, per_minute=200)
         port = free_port()
         server = start_server(config, port, tmp_path / "server.log")
         try:
@@ -54,9 +53,9 @@ def test_fifty_raters_lose_and_duplicate_no_judgment(evaluation, tmp_path, backe
     assert sorted(stored) == sorted(result["acknowledged"])  # none lost, none twice
 
 
-def test_a_killed_server_keeps_every_acknowledged_judgment(evaluation, tmp_path):  # noqa: F811
+def test_a_killed_server_keeps_every_acknowledged_judgment(tiny_evaluation, tmp_path):
     database = f"sqlite:///{tmp_path / 'arena.db'}"
-    config = write_arena_config(tmp_path, evaluation, database, per_minute=1000)
+    config = write_arena_config(tmp_path, tiny_evaluation, database, per_minute=1000)
     port = free_port()
     server = start_server(config, port, tmp_path / "server.log")
     acknowledged, latencies, errors = [], [], []

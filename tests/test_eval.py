@@ -57,14 +57,10 @@ def records(out: Path) -> list[dict]:
     ]
 
 
-@pytest.fixture(scope="module")
-def evaluated(tiny_models, tmp_path_factory):
-    """One small evaluation, shared by the tests that only read it."""
-    from eval.suite import evaluate, load_config
-
-    tmp_path = tmp_path_factory.mktemp("evaluated")
-    report = evaluate(load_config(write_config(tmp_path, tiny_models)), progress=False)
-    return report.parent
+@pytest.fixture
+def evaluated(tiny_evaluation):
+    """The shared small evaluation (conftest), for the tests that only read it."""
+    return tiny_evaluation
 
 
 def pixels(out: Path, path: str) -> np.ndarray:
