@@ -187,25 +187,25 @@ def _state():
 
 
 def score_images(out: Path, manifest: list[dict], scorers: dict[str, str], device) -> dict:
-    """``scores[model][scorer]``: per-item scores, items in manifest order."""
+    """``scores[model][scorer]``: per-item scores, items in manifest order. The scorers load
+    once and each image is decoded once for all of them."""
     from tqdm.auto import tqdm
 
     from align.rewards import load_reward
     from reward.data import decode_image
 
+    loaded = {name: load_reward(spec, device) for name, spec in scorers.items()}
     models = list(dict.fromkeys(row["model"] for row in manifest))
-    scores: dict[str, dict[str, np.ndarray]] = {m: {} for m in models}
-    for name, spec in scorers.items():
-        scorer = load_reward(spec, device)
-        for model in models:
-            rows = [row for row in manifest if row["model"] == model]
-            values = []
-            for start in tqdm(range(0, len(rows), 64), desc=f"{name} on {model}", leave=False):
-                chunk = rows[start : start + 64]
-                images = [decode_image(out / row["path"]) for row in chunk]
-                values += scorer.score([row["prompt"] for row in chunk], images).tolist()
-            scores[model][name] = np.asarray(values, dtype=float)
-        del scorer
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    for model in models:
+        rows = [row for row in manifest if row["model"] == model]
+        values: dict[str, list[float]] = {name: [] for name in loaded}
+        for start in tqdm(range(0, len(rows), 64), desc=f"scoring {model}", leave=False):
+            chunk = rows[start : start + 64]
+            images = [decode_image(out / row["path"]) for row in chunk]
+            for name, scorer in loaded.items():
+                values[name] += scorer.score([row["prompt"] for row in chunk], images).tolist()
+        scores[model] = {name: np.asarray(v, dtype=float) for name, v in values.items()}
     return scores
 
 
@@ -246,7 +246,7 @@ def evaluate(config: EvalConfig, progress: bool = True) -> Path | None:
         "title": config.title,
         "notes": config.notes,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "config": _plain(config),
+        "config": dataclasses.asdict(config),
         "prompts": {"source": config.prompts, "count": len(prompts), "items": len(items)},
         "processes": state.num_processes,
         "model_names": [spec.name for spec in config.models],
@@ -293,7 +293,3 @@ def evaluate(config: EvalConfig, progress: bool = True) -> Path | None:
     }
     atomic_write_json(out / "results.json", results)
     return write_report(results, out)
-
-
-def _plain(config: EvalConfig) -> dict:
-    return dataclasses.asdict(config)
