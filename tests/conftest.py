@@ -1,5 +1,6 @@
 import io
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +79,38 @@ def tiny_evaluation(tiny_models, tmp_path_factory) -> Path:
 
     tmp_path = tmp_path_factory.mktemp("tiny_evaluation")
     return evaluate(load_config(write_config(tmp_path, tiny_models)), progress=False).parent
+
+
+def require_system(available: bool, what: str, install: str) -> None:
+    """A test that needs a system package skips without it, and fails under `make test`
+    (PICKALIGN_REQUIRE_SYSTEM=1), which installs it."""
+    if available:
+        return
+    if os.environ.get("PICKALIGN_REQUIRE_SYSTEM"):
+        pytest.fail(f"{what} is needed: apt-get install {install}")
+    pytest.skip(f"{what} is not installed (make test installs it)")
+
+
+def require_postgres() -> None:
+    found = list(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    require_system(bool(found), "PostgreSQL", "postgresql")
+
+
+def chrome():
+    """Debian's Chromium, headless, through ChromeDriver."""
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    require_system(
+        bool(chromium and driver), "Chromium with ChromeDriver", "chromium chromium-driver"
+    )
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--disable-dev-shm-usage",
+    ):  # fmt: skip
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver), options=options)

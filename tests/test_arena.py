@@ -9,8 +9,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-pytest.importorskip("fastapi")
-
 
 @pytest.fixture
 def evaluation(tiny_evaluation) -> Path:

@@ -5,7 +5,6 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -18,16 +17,9 @@ from bench.arena_load import (
     stored_uids,
     write_arena_config,
 )
-from tests.test_eval import chrome
+from tests.conftest import chrome, require_postgres
 
 pytestmark = pytest.mark.integration
-
-
-def require_postgres():
-    if not list(Path("/usr/lib/postgresql").glob("*/bin/initdb")):
-        if os.environ.get("PICKALIGN_REQUIRE_SYSTEM"):
-            pytest.fail("PostgreSQL is needed: apt-get install postgresql")
-        pytest.skip("PostgreSQL is not installed (make test installs it)")
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])

@@ -1,8 +1,6 @@
 """The evaluation suite: paired generation, resume, processes, scorers, figures, the report."""
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import REPO, launch
+from tests.conftest import REPO, chrome, launch
 
 
 def brightness(prompts, images):
@@ -287,29 +285,6 @@ def test_clip_and_aesthetic_scores_by_hand(tiny_models, tmp_path):
     torch.save({"weight": torch.randn(1, dim + 1), "bias": torch.zeros(1)}, tmp_path / "v1.pth")
     with pytest.raises(ValueError, match="made for another CLIP"):
         load_reward(f"aesthetic:{tmp_path / 'v1.pth'}:{tiny_models['clip']}", "cpu")
-
-
-def chrome():
-    """Debian's Chromium, headless, through ChromeDriver (None when they are not installed)."""
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver):
-        if os.environ.get("PICKALIGN_REQUIRE_SYSTEM"):
-            pytest.fail(
-                "chromium and chromedriver are needed: apt-get install chromium chromium-driver"
-            )
-        pytest.skip("chromium and chromedriver are not installed (make test installs them)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in (
-        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--disable-dev-shm-usage",
-    ):  # fmt: skip
-        options.add_argument(flag)
-    return webdriver.Chrome(service=Service(driver), options=options)
 
 
 def lookup(results: dict, key: str):
