@@ -128,7 +128,7 @@ def build_tiny_sd(folder: str | Path, seed: int = 0) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(folder)
+    save_pipeline(pipe, folder)
     _remove_tree(folder / "_tokenizer")
     return folder
 
@@ -145,9 +145,40 @@ def build_tiny_sdxl(folder: str | Path, seed: int = 0) -> Path:
         tokenizer_2=tokenizer,
         scheduler=tiny_scheduler(),
     )
-    pipe.save_pretrained(folder)
+    save_pipeline(pipe, folder)
     _remove_tree(folder / "_tokenizer")
     return folder
+
+
+def save_pipeline(pipe, folder: str | Path) -> None:
+    """``pipe.save_pretrained(folder)``, in the layout every transformers release that pickalign
+    supports reads. transformers 5 saves a ``CLIPTextModel`` built from a config without its
+    ``text_model.`` key prefix and a CLIP tokenizer as ``tokenizer.json`` alone; transformers 4
+    then loads a randomly initialised text encoder with only a warning, and its slow
+    ``CLIPTokenizer`` cannot read the folder. So the keys get their prefix back (the layout of
+    the Hub's checkpoints, which transformers 5 reads as well) and the pipeline names the
+    tokenizer class that reads ``tokenizer.json`` in both (``CLIPTokenizerFast``)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(folder)
+    pipe.save_pretrained(folder)
+    for weights in folder.glob("text_encoder*/model.safetensors"):
+        config = json.loads((weights.parent / "config.json").read_text())
+        state = load_file(weights)
+        if config["architectures"] == ["CLIPTextModel"] and not any(
+            key.startswith("text_model.") for key in state
+        ):
+            state = {f"text_model.{key}": value for key, value in state.items()}
+            save_file(state, weights, metadata={"format": "pt"})
+    index_file = folder / "model_index.json"
+    index = json.loads(index_file.read_text())
+    for name, entry in index.items():
+        if name.startswith("tokenizer") and entry == ["transformers", "CLIPTokenizer"]:
+            if not (folder / name / "vocab.json").exists():
+                index[name] = ["transformers", "CLIPTokenizerFast"]
+    index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def _remove_tree(path: Path) -> None:

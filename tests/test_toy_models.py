@@ -94,3 +94,28 @@ def test_lora_attaches_to_the_toy_unet_and_starts_at_the_base():
     trainable = [n for n, p in unet.named_parameters() if p.requires_grad]
     assert trainable and all("lora" in n for n in trainable)
     assert torch.allclose(unet(x, t, encoder_hidden_states=context).sample, before)
+
+
+def test_pipelines_are_saved_in_the_layout_transformers_4_reads_too(tiny_models):
+    """transformers 4 (in pickalign's supported range) loads the key layout that transformers 5
+    writes for a CLIPTextModel built from a config as a randomly initialised text encoder, with
+    only a warning, and its slow CLIPTokenizer cannot read a tokenizer.json-only folder. This
+    suite runs on transformers 5, so the files themselves are checked: the shipped bases and
+    what ``align.tiny.save_pipeline`` writes (as the toy pretraining saves a base)."""
+    from safetensors import safe_open
+
+    for folder in (MODELS["toy-sd"], MODELS["toy-sdxl"], tiny_models["sd"], tiny_models["sdxl"]):
+        index = json.loads((folder / "model_index.json").read_text())
+        encoders = [name for name in index if name.startswith("text_encoder")]
+        assert encoders, folder
+        for name in encoders:
+            with safe_open(folder / name / "model.safetensors", "pt") as weights:
+                keys = list(weights.keys())
+            # The Hub's layout: the transformer under text_model., SDXL's projection beside it.
+            layers = [key for key in keys if not key.startswith("text_projection.")]
+            assert all(key.startswith("text_model.") for key in layers), (folder, name, keys[:2])
+        for name in [name for name in index if name.startswith("tokenizer")]:
+            readable = (
+                index[name][1] == "CLIPTokenizerFast" or (folder / name / "vocab.json").exists()
+            )
+            assert readable, (folder, name, index[name])

@@ -27,6 +27,7 @@ from PIL import Image
 
 from align.models import Conditioning, unconditional, zeros_for_empty_prompt
 from align.text import sd_context, sdxl_context, sdxl_time_ids, tokenize
+from align.tiny import save_pipeline
 from eval.toy.judge import judged_adherence, sample_held_out
 from reward.runtime import (
     RunConfig,
@@ -418,7 +419,7 @@ def train(config: PretrainToyConfig) -> Path:
             pipe.unet.to(torch.float16)
             pipe.vae.to(torch.float16)
         with atomic_path(folder) as tmp:
-            pipe.save_pretrained(tmp)
+            save_pipeline(pipe, tmp)
             # What pretraining measured, sampling as trained: the stock pipeline must agree.
             atomic_write_json(Path(tmp) / VALIDATION_FILE, validation)
         metrics = evaluate_base(
