@@ -88,31 +88,42 @@ class Monitor:
         return plot_curves(path, rounds, series, title="held-out samples over rounds")
 
 
-def plot_curves(path, xs: list, series: dict[str, list[float]], title: str = "") -> Path:
-    """A small line plot with PIL: every series scaled to its own range (printed in the legend),
-    so curves of different units share one panel."""
+def plot_curves(
+    path,
+    xs: list | dict[str, list],
+    series: dict[str, list[float]],
+    title: str = "",
+    x_label: str = "round",
+    shared_scale: bool = False,
+) -> Path:
+    """A small line plot with PIL. ``xs``: one list for every series, or one per series name.
+    Each series is scaled to its own range (printed in the legend), so curves of different units
+    share one panel; ``shared_scale`` puts them all on one range instead."""
     from PIL import Image, ImageDraw
 
+    xs = xs if isinstance(xs, dict) else {name: xs for name in series}
     width, height, margin = 640, 360, 48
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     left, right, top, bottom = margin, width - 16, 40, height - margin
     draw.rectangle((left, top, right, bottom), outline=(120, 120, 120))
     draw.text((left, 12), title, fill="black")
-    x_low, x_high = min(xs), max(xs)
+    every_x = [x for name in series for x in xs[name]]
+    x_low, x_high = min(every_x), max(every_x)
     x_span = (x_high - x_low) or 1
-    draw.text((left, bottom + 8), f"round {x_low}", fill="black")
-    draw.text((right - 70, bottom + 8), f"round {x_high}", fill="black")
+    draw.text((left, bottom + 8), f"{x_label} {x_low:g}", fill="black")
+    draw.text((right - 90, bottom + 8), f"{x_label} {x_high:g}", fill="black")
+    every_y = [v for values in series.values() for v in values]
     for k, (name, values) in enumerate(series.items()):
         colour = COLOURS[k % len(COLOURS)]
-        low, high = min(values), max(values)
+        low, high = (min(every_y), max(every_y)) if shared_scale else (min(values), max(values))
         span = (high - low) or 1
         points = [
             (
                 left + (x - x_low) / x_span * (right - left),
                 bottom - 8 - (v - low) / span * (bottom - top - 16),
             )
-            for x, v in zip(xs, values)
+            for x, v in zip(xs[name], values)
         ]
         draw.line(points, fill=colour, width=2)
         for x, y in points:
