@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU figure of BENCHMARKS.md in one go (one GPU, ~8 minutes on an H100):
+# Every GPU figure of BENCHMARKS.md in one go (one GPU; ~8 minutes on an H100 before the
+# DDPO epochs were added, which are not measured on a GPU yet):
 #   bash bench/gpu.sh [OUTDIR [NAME ...]]
 # Writes OUTDIR/<name>.json for each benchmark (only the NAMEs given, if any) and OUTDIR/gpu.log
 # with all the output. PYTHON names the interpreter (default: python).
@@ -27,3 +28,8 @@ run dpo_sd15_512 180 bench/dpo_step.py --device cuda --family sd --resolution 51
     --precision bf16 --pairs 8 --steps 5 --warmup 2
 run dpo_sdxl_1024_no_checkpointing 150 bench/dpo_step.py --device cuda --family sdxl \
     --resolution 1024 --precision bf16 --pairs 2 --rank 64 --steps 5 --warmup 2 --designs ours
+run ddpo_sd15_512 300 bench/online.py real --family sd15 --resolution 512 --samples 32 \
+    --sample-batch 16 --train-batch 4 --steps 20 --timestep-fraction 0.5 --epochs 3
+run ddpo_sdxl_1024 420 bench/online.py real --family sdxl --resolution 1024 --samples 16 \
+    --sample-batch 8 --train-batch 2 --steps 20 --timestep-fraction 0.5 --epochs 3 \
+    --gradient-checkpointing

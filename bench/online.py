@@ -12,8 +12,14 @@
   fixed choice) and optimizer settings, with per-prompt reward statistics on both. Each side runs
   in its own process and environment; ``--rounds`` alternates them, and the figure is the median
   over rounds of the per-round ratio, so a drift in a shared machine's speed moves both alike.
-  The first epoch of each run warms up and is not counted. Writes ``reward_vs_time.png``: the
-  epoch's mean reward against wall time, both sides.
+  The first epoch of each run warms up and is not counted. A third process, ``floor``, runs
+  the same UNet, VAE and reward calls with nothing around them; floor / trl is the most any
+  loop could gain over trl at these settings on the machine (``ceiling``). Writes
+  ``reward_vs_time.png``: the epoch's mean reward against wall time, both sides.
+
+- ``real`` (for a GPU): DDPO epochs of ``align.ddpo.train`` on SD 1.5's or SDXL's real
+  architecture with random weights (a pipeline saved once under ``--out``), a reward that costs
+  nothing (the mean pixel), bf16 on a GPU: samples/s after the first epoch and peak memory.
 
 trl 0.23.1 needs transformers 4.x, so it lives in its own environment:
 
@@ -24,6 +30,8 @@ trl 0.23.1 needs transformers 4.x, so it lives in its own environment:
     python bench/online.py sampler [--family sd sdxl] [--batch 64] [--steps 20] [--repeats 5]
     python bench/online.py ddpo [--trl-python .cache/venv-trl/bin/python] [--epochs 6] \
         [--rounds 2] [--out outputs/bench_online]
+    python bench/online.py real --family sdxl --resolution 1024 --samples 16 --steps 20 \
+        [--gradient-checkpointing] [--epochs 3]
 
 This file also runs under the trl environment (``_trl`` below), so at module level it imports
 only the standard library.
@@ -131,7 +139,6 @@ def sampler_paths(folder: Path, prompts: list[str], args) -> dict:
 
 def _ours(out: Path, epochs: int) -> None:
     """pickalign's DDPO recipe for ``epochs`` rounds; each round's start, end and mean reward."""
-    import align.ddpo as ddpo
     from align.ddpo import DDPOConfig
 
     e = EPOCH
@@ -165,6 +172,13 @@ def _ours(out: Path, epochs: int) -> None:
         report_to="none",
         logging_steps=1,
     )
+    (out / "epochs.json").write_text(json.dumps(timed_ddpo(config, "sd")))
+
+
+def timed_ddpo(config, family: str) -> list[dict]:
+    """``align.ddpo.train(config, family)``, with each round's start, end and mean reward."""
+    import align.ddpo as ddpo
+
     epochs_seen = []
     rollout, end_round = ddpo.rollout, ddpo.end_round
 
@@ -177,8 +191,11 @@ def _ours(out: Path, epochs: int) -> None:
         epochs_seen[-1].update(end=time.perf_counter(), reward=logs["train/reward_mean"])
 
     ddpo.rollout, ddpo.end_round = timed_rollout, timed_end_round
-    ddpo.train(config, "sd")
-    (out / "epochs.json").write_text(json.dumps(epochs_seen))
+    try:
+        ddpo.train(config, family)
+    finally:
+        ddpo.rollout, ddpo.end_round = rollout, end_round
+    return epochs_seen
 
 
 def _trl(out: Path, epochs: int) -> None:
@@ -242,6 +259,163 @@ def _trl(out: Path, epochs: int) -> None:
     (out / "epochs.json").write_text(json.dumps(epochs_seen))
 
 
+def _floor(out: Path, epochs: int) -> None:
+    """The model work of an epoch and nothing around it: the same LoRA UNet calls (batched
+    guidance, 20 sampling steps without gradients, 8 steps of each sample forward and backward in
+    micro-batches of 16), the VAE decode, the oracle, one optimizer step. The fastest any DDPO
+    loop can run an epoch at these settings on this machine."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+
+    from reward.toyworld import OracleReward, prompt_splits
+
+    e = EPOCH
+    pipe = StableDiffusionPipeline.from_pretrained(str(TOY["sd"]))
+    unet, vae = pipe.unet, pipe.vae
+    unet.requires_grad_(False)
+    lora = LoraConfig(r=e["lora_rank"], lora_alpha=e["lora_rank"], target_modules=e["lora_targets"])
+    unet.add_adapter(lora)
+    optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-6)
+    pipe.scheduler.set_timesteps(e["steps"])
+    timesteps = pipe.scheduler.timesteps
+    prompts = [a.prompt for a in prompt_splits()["train"]]
+    oracle = OracleReward()
+    trained = round(e["timestep_fraction"] * e["steps"])
+    size = unet.config.sample_size
+    epochs_seen = []
+    for epoch in range(epochs):
+        epochs_seen.append({"start": time.perf_counter()})
+        batch = [prompts[(epoch * e["samples"] + i) % len(prompts)] for i in range(e["samples"])]
+        with torch.no_grad():
+            cond, uncond = pipe.encode_prompt(batch, "cpu", 1, True)
+            context = torch.cat([uncond, cond])
+            x = torch.randn(e["samples"], unet.config.in_channels, size, size)
+            latents = [x]
+            for t in timesteps:
+                pred = unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample
+                u, c = pred.chunk(2)
+                x = x - 0.01 * (u + e["guidance"] * (c - u)) + 0.01 * torch.randn_like(x)
+                latents.append(x)
+            images = vae.decode(x / vae.config.scaling_factor).sample.div(2).add(0.5).clamp(0, 1)
+        rewards = oracle.score(batch, images)
+        for start in range(0, e["samples"], e["train_batch"]):
+            rows = slice(start, start + e["train_batch"])
+            ctx = torch.cat([uncond[rows], cond[rows]])
+            for j in range(trained):
+                x_t = latents[j][rows]
+                pred = unet(torch.cat([x_t, x_t]), timesteps[j], encoder_hidden_states=ctx).sample
+                u, c = pred.chunk(2)
+                (u + e["guidance"] * (c - u)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        epochs_seen[-1].update(end=time.perf_counter(), reward=float(rewards.mean()))
+    (out / "epochs.json").write_text(json.dumps(epochs_seen))
+
+
+# ----------------------------------------------------------------------------------------------
+# A DDPO epoch on a real-size architecture (for a GPU)
+
+
+def brightness(prompts, images):
+    """A reward that costs nothing: each image's mean pixel (the real-size runs time the loop)."""
+    return images.float().mean(dim=(1, 2, 3))
+
+
+def real_size_pipeline(family: str, folder: Path, device) -> Path:
+    """Save a pipeline with SD 1.5's or SDXL's real architecture and random weights (UNet and
+    text encoders in fp16, VAE in fp32) to ``folder``, once."""
+    if (folder / "model_index.json").exists():
+        return folder
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from align.tiny import save_pipeline
+    from bench.dpo_step import clip_bigg_text, clip_l_text, sd15_unet, sd15_vae, sdxl_unet
+    from reward.tokenizer import build_clip_tokenizer
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = (sdxl_unet() if family == "sdxl" else sd15_unet()).half()
+        vae = sd15_vae()
+        text = clip_l_text().half()
+        text_2 = clip_bigg_text().half() if family == "sdxl" else None
+    scheduler = DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    tokenizer = build_clip_tokenizer(folder.parent / f"_{folder.name}_tokenizer")
+    parts = dict(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=scheduler)
+    if family == "sdxl":
+        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=text_2, tokenizer_2=tokenizer)
+    else:
+        pipe = StableDiffusionPipeline(
+            **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+    save_pipeline(pipe, folder)
+    shutil.rmtree(folder.parent / f"_{folder.name}_tokenizer", ignore_errors=True)
+    return folder
+
+
+def bench_real(args) -> dict:
+    """DDPO epochs of ``align.ddpo.train`` on a real-size architecture with random weights:
+    samples/s over the epochs after the first, and peak memory (GPU allocation, or RSS)."""
+    import torch
+
+    from align.ddpo import DDPOConfig
+    from bench.benchlib import describe_machine, peak_memory_gb, peak_rss_gb
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(args.out)
+    folder = real_size_pipeline(args.family, out / f"pipeline_{args.family}", device)
+    prompts = out / "prompts.txt"
+    prompts.write_text("\n".join(f"a photo of object number {i}" for i in range(256)) + "\n")
+    config = DDPOConfig(
+        model=str(folder),
+        reward="bench.online:brightness",
+        prompts=str(prompts),
+        output_dir=str(out / f"run_{args.family}"),
+        resolution=args.resolution,
+        mode="lora",
+        lora_rank=args.rank,
+        sample_steps=args.steps,
+        samples_per_round=args.samples,
+        sample_batch_size=args.sample_batch,
+        train_batch_size=args.train_batch,
+        gradient_accumulation_steps=args.samples // args.train_batch,
+        timestep_fraction=args.timestep_fraction,
+        mixed_precision="bf16" if device == "cuda" else "no",
+        gradient_checkpointing=args.gradient_checkpointing,
+        max_steps=args.epochs,
+        checkpointing_steps=0,
+        report_to="none",
+        logging_steps=1,
+    )
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    epochs = timed_ddpo(config, "sdxl" if args.family == "sdxl" else "sd")
+    seconds = [ep["end"] - ep["start"] for ep in epochs]
+    counted = seconds[1:] or seconds
+    results = {
+        "machine": describe_machine(device),
+        "family": args.family,
+        "resolution": args.resolution,
+        "samples_per_epoch": args.samples,
+        "steps": args.steps,
+        "timestep_fraction": args.timestep_fraction,
+        "epoch_seconds": [round(t, 2) for t in seconds],
+        "samples_per_s": args.samples * len(counted) / sum(counted),
+        "peak_gpu_memory_gb": peak_memory_gb(device),
+        "peak_rss_gb": peak_rss_gb(),
+    }
+    print(f"real {args.family}: {json.dumps(results)}", flush=True)
+    return results
+
+
 def run_side(name: str, python: str, out: Path, epochs: int) -> list[dict]:
     if out.exists():
         shutil.rmtree(out)
@@ -265,11 +439,11 @@ def bench_ddpo(args) -> dict:
             "docstring says how), or pass --trl-python"
         )
     out = Path(args.out)
-    runs = {"ours": [], "trl": []}
+    runs = {"ours": [], "trl": [], "floor": []}
     for round_ in range(args.rounds):
-        order = ("ours", "trl") if round_ % 2 == 0 else ("trl", "ours")
+        order = ("ours", "trl", "floor") if round_ % 2 == 0 else ("trl", "ours", "floor")
         for name in order:
-            python = sys.executable if name == "ours" else args.trl_python
+            python = args.trl_python if name == "trl" else sys.executable
             epochs = run_side(name, python, out / f"{name}_{round_}", args.epochs)
             runs[name].append(epochs)
             rate = [EPOCH["samples"] / (ep["end"] - ep["start"]) for ep in epochs[1:]]
@@ -280,6 +454,7 @@ def bench_ddpo(args) -> dict:
         return EPOCH["samples"] * (len(epochs) - 1) / seconds
 
     ratios = [rate(o) / rate(t) for o, t in zip(runs["ours"], runs["trl"])]
+    ceilings = [rate(f) / rate(t) for f, t in zip(runs["floor"], runs["trl"])]
     results = {
         "epoch": EPOCH,
         "epochs_per_run": args.epochs,
@@ -288,9 +463,12 @@ def bench_ddpo(args) -> dict:
         "trl_samples_per_s": [rate(r) for r in runs["trl"]],
         "speedup_per_round": ratios,
         "speedup": median(ratios),
+        "floor_samples_per_s": [rate(r) for r in runs["floor"]],
+        "ceiling_per_round": ceilings,
+        "ceiling": median(ceilings),
         "rewards": {
-            name: [[round(ep["reward"], 4) for ep in r] for r in side]
-            for name, side in runs.items()
+            name: [[round(ep["reward"], 4) for ep in r] for r in runs[name]]
+            for name in ("ours", "trl")
         },
     }
     plot_rewards(runs, out / "reward_vs_time.png")
@@ -326,17 +504,29 @@ def main() -> None:
     d.add_argument("--epochs", type=int, default=6)
     d.add_argument("--rounds", type=int, default=2)
     d.add_argument("--out", default=str(REPO / "outputs/bench_online"))
-    for p in (s, d):
+    r = sub.add_parser("real")
+    r.add_argument("--family", choices=["sd15", "sdxl"], default="sd15")
+    r.add_argument("--resolution", type=int, default=None, help="Default: the model's.")
+    r.add_argument("--samples", type=int, default=32, help="Samples per epoch.")
+    r.add_argument("--sample-batch", type=int, default=16)
+    r.add_argument("--train-batch", type=int, default=4)
+    r.add_argument("--steps", type=int, default=50)
+    r.add_argument("--timestep-fraction", type=float, default=0.5)
+    r.add_argument("--rank", type=int, default=8)
+    r.add_argument("--gradient-checkpointing", action="store_true")
+    r.add_argument("--epochs", type=int, default=3)
+    r.add_argument("--out", default=str(REPO / "outputs/bench_online_real"))
+    for p in (s, d, r):
         p.add_argument("--json", help="Also write the results to this file.")
-    for side in ("_ours", "_trl"):
+    for side in ("_ours", "_trl", "_floor"):
         p = sub.add_parser(side)
         p.add_argument("--out", required=True)
         p.add_argument("--epochs", type=int, required=True)
     args = parser.parse_args()
-    if args.bench in ("_ours", "_trl"):
-        (_ours if args.bench == "_ours" else _trl)(Path(args.out), args.epochs)
+    if args.bench.startswith("_"):
+        {"_ours": _ours, "_trl": _trl, "_floor": _floor}[args.bench](Path(args.out), args.epochs)
         return
-    results = bench_sampler(args) if args.bench == "sampler" else bench_ddpo(args)
+    results = {"sampler": bench_sampler, "ddpo": bench_ddpo, "real": bench_real}[args.bench](args)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
