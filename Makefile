@@ -8,7 +8,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: env demo test lint format bench clean system
+.PHONY: env demo test test-lowest lint format bench clean system
 
 env: $(STAMP)
 
@@ -42,6 +42,18 @@ system:
 
 test: lint system
 	PICKALIGN_REQUIRE_SYSTEM=1 $(BIN)/python -m pytest
+
+# The same suite on the lowest releases pyproject.toml admits, in their own environment (torch
+# stays the local CPU wheel: no CPU build of its lowest release is at hand here).
+LOWEST_VENV := .cache/venv-lowest
+LOWEST := "transformers==4.57.*" "diffusers==0.35.*" "peft==0.17.*" "trl==0.24.*" \
+	"accelerate==1.10.*" "deepspeed==0.17.*" "datasets==4.0.*" "bitsandbytes==0.46.*"
+test-lowest: system
+	test -x $(LOWEST_VENV)/bin/python || $(PYTHON) -m venv $(LOWEST_VENV)
+	$(LOWEST_VENV)/bin/python -m pip install -q "torch==2.13.0"
+	$(LOWEST_VENV)/bin/python -m pip install -q -e ".[dev]" $(LOWEST)
+	PICKALIGN_REQUIRE_SYSTEM=1 TORCH_EXTENSIONS_DIR=$(CURDIR)/.cache/torch_extensions_lowest \
+		$(LOWEST_VENV)/bin/python -m pytest -p no:cacheprovider
 
 bench: $(STAMP)
 	$(BIN)/python bench/reward_throughput.py

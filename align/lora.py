@@ -198,7 +198,8 @@ def load_lora(pipe, folder: str | Path, adapter_name: str | None = None):
     level = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # not "no LoRA keys for the text encoders" per load
     try:
-        pipe.load_lora_weights(str(folder), adapter_name=adapter_name)
+        # The file is named: diffusers 0.35 refuses to guess it when the Hub is offline.
+        pipe.load_lora_weights(str(folder), weight_name=WEIGHT_NAME, adapter_name=adapter_name)
     finally:
         diffusers_logging.set_verbosity(level)
     added = set(getattr(pipe.unet, "peft_config", {}) or {}) - before

@@ -66,14 +66,20 @@ def build_clip_tokenizer(folder: str | Path, max_length: int = MAX_LENGTH):
     The folder then loads with ``CLIPTokenizer.from_pretrained`` / ``AutoTokenizer``, the same
     code path a Hub id takes.
     """
+    import transformers
     from transformers import CLIPTokenizer
 
     folder = Path(folder)
     vocab_path, merges_path = write_vocab_files(folder / "_bpe")
     # transformers 5 ignores vocab_file=/merges_file= silently; vocab=/merges= are honoured.
+    # transformers 4's CLIPTokenizer takes only the former.
+    files = (
+        {"vocab": str(vocab_path), "merges": str(merges_path)}
+        if int(transformers.__version__.split(".")[0]) >= 5
+        else {"vocab_file": str(vocab_path), "merges_file": str(merges_path)}
+    )
     tokenizer = CLIPTokenizer(
-        vocab=str(vocab_path),
-        merges=str(merges_path),
+        **files,
         model_max_length=max_length,
         bos_token=BOS,
         eos_token=EOS,

@@ -11,6 +11,7 @@ from PIL import Image
 from align.dpo import DPOConfig, pair_step, train
 from align.finetune import lora_reference
 from align.lora import (
+    WEIGHT_NAME,
     LoraMismatchError,
     add_lora,
     load_lora,
@@ -168,7 +169,8 @@ def test_lora_round_trips_through_fresh_pipelines_with_alpha_not_rank(
     assert meta["family"] == family
 
     fresh = DiffusionPipeline.from_pretrained(tiny_models[family])
-    fresh.load_lora_weights(str(tmp_path))  # stock diffusers
+    # Stock diffusers; the file named since diffusers 0.35 won't guess it with the Hub offline.
+    fresh.load_lora_weights(str(tmp_path), weight_name=WEIGHT_NAME)
     np.testing.assert_allclose(_sample(fresh), trained, atol=1e-5)
     checked = load_lora(DiffusionPipeline.from_pretrained(tiny_models[family]), tmp_path)
     np.testing.assert_allclose(_sample(checked), trained, atol=1e-5)
@@ -269,7 +271,7 @@ def test_training_moves_only_the_lora_and_writes_a_loadable_adapter(
     assert steps[1]["train/loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference
     pipe = DiffusionPipeline.from_pretrained(tiny_models["sd"])
     plain = _sample(pipe)
-    pipe.load_lora_weights(str(final))
+    pipe.load_lora_weights(str(final), weight_name=WEIGHT_NAME)
     assert np.abs(_sample(pipe) - plain).max() > 0  # trained: differs from the base
 
 

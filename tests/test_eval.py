@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from align.lora import WEIGHT_NAME
 from tests.conftest import REPO, chrome, launch
 
 
@@ -363,7 +364,7 @@ def test_a_lora_model_samples_what_stock_diffusers_samples_at_its_scale(tiny_mod
     images = {}
     for scale in (1.0, 0.3):
         stock = DiffusionPipeline.from_pretrained(tiny_models["sd"])
-        stock.load_lora_weights(tmp_path / "lora", adapter_name="x")
+        stock.load_lora_weights(tmp_path / "lora", weight_name=WEIGHT_NAME, adapter_name="x")
         stock.set_adapters(["x"], adapter_weights=[scale])
         spec = ModelSpec("m", str(tiny_models["sd"]), lora=str(tmp_path / "lora"), lora_scale=scale)
         ours = load_pipeline(spec, "cpu")

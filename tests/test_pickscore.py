@@ -34,9 +34,12 @@ def test_scores_match_the_model_card_computation(scorer, tiny_models):
         text_inputs = processor(
             text=prompt, padding=True, truncation=True, max_length=77, return_tensors="pt"
         )
-        image_embs = model.get_image_features(**image_inputs).pooler_output
+        # The model card's code; transformers 5 returns an output object, 4 the tensor.
+        image_embs = model.get_image_features(**image_inputs)
+        image_embs = getattr(image_embs, "pooler_output", image_embs)
         image_embs = image_embs / image_embs.norm(dim=-1, keepdim=True)
-        text_embs = model.get_text_features(**text_inputs).pooler_output
+        text_embs = model.get_text_features(**text_inputs)
+        text_embs = getattr(text_embs, "pooler_output", text_embs)
         text_embs = text_embs / text_embs.norm(dim=-1, keepdim=True)
         expected = model.logit_scale.exp() * (text_embs @ image_embs.T)[0]
     assert torch.allclose(scorer.score(prompt, pics), expected, atol=1e-4)
