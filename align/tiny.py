@@ -167,7 +167,7 @@ def save_pipeline(pipe, folder: str | Path) -> None:
     for weights in folder.glob("text_encoder*/model.safetensors"):
         config = json.loads((weights.parent / "config.json").read_text())
         state = load_file(weights)
-        if config["architectures"] == ["CLIPTextModel"] and not any(
+        if config.get("architectures") == ["CLIPTextModel"] and not any(
             key.startswith("text_model.") for key in state
         ):
             state = {f"text_model.{key}": value for key, value in state.items()}
