@@ -16,7 +16,6 @@
   the same UNet, VAE and reward calls with nothing around them; floor / trl is the most any
   loop could gain over trl at these settings on the machine (``ceiling``). Writes
   ``reward_vs_time.png``: the epoch's mean reward against wall time, both sides.
-
 - ``real`` (for a GPU): DDPO epochs of ``align.ddpo.train`` on SD 1.5's or SDXL's real
   architecture with random weights (a pipeline saved once under ``--out``), a reward that costs
   nothing (the mean pixel), bf16 on a GPU: samples/s after the first epoch and peak memory.
