@@ -174,6 +174,12 @@ def _ours(out: Path, epochs: int) -> None:
     (out / "epochs.json").write_text(json.dumps(timed_ddpo(config, "sd")))
 
 
+def samples_per_s(epochs: list[dict], samples: int) -> float:
+    """Samples/s over the timed epochs after the first (the first warms up), or the only one."""
+    counted = epochs[1:] or epochs
+    return samples * len(counted) / sum(ep["end"] - ep["start"] for ep in counted)
+
+
 def timed_ddpo(config, family: str) -> list[dict]:
     """``align.ddpo.train(config, family)``, with each round's start, end and mean reward."""
     import align.ddpo as ddpo
@@ -397,8 +403,6 @@ def bench_real(args) -> dict:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     epochs = timed_ddpo(config, "sdxl" if args.family == "sdxl" else "sd")
-    seconds = [ep["end"] - ep["start"] for ep in epochs]
-    counted = seconds[1:] or seconds
     results = {
         "machine": describe_machine(device),
         "family": args.family,
@@ -406,8 +410,8 @@ def bench_real(args) -> dict:
         "samples_per_epoch": args.samples,
         "steps": args.steps,
         "timestep_fraction": args.timestep_fraction,
-        "epoch_seconds": [round(t, 2) for t in seconds],
-        "samples_per_s": args.samples * len(counted) / sum(counted),
+        "epoch_seconds": [round(ep["end"] - ep["start"], 2) for ep in epochs],
+        "samples_per_s": samples_per_s(epochs, args.samples),
         "peak_gpu_memory_gb": peak_memory_gb(device),
         "peak_rss_gb": peak_rss_gb(),
     }
@@ -445,12 +449,11 @@ def bench_ddpo(args) -> dict:
             python = args.trl_python if name == "trl" else sys.executable
             epochs = run_side(name, python, out / f"{name}_{round_}", args.epochs)
             runs[name].append(epochs)
-            rate = [EPOCH["samples"] / (ep["end"] - ep["start"]) for ep in epochs[1:]]
-            print(f"round {round_} {name}: samples/s {[round(r, 2) for r in rate]}", flush=True)
+            rates = [EPOCH["samples"] / (ep["end"] - ep["start"]) for ep in epochs[1:]]
+            print(f"round {round_} {name}: samples/s {[round(r, 2) for r in rates]}", flush=True)
 
-    def rate(epochs):  # samples/s over the epochs after the first
-        seconds = sum(ep["end"] - ep["start"] for ep in epochs[1:])
-        return EPOCH["samples"] * (len(epochs) - 1) / seconds
+    def rate(epochs):
+        return samples_per_s(epochs, EPOCH["samples"])
 
     ratios = [rate(o) / rate(t) for o, t in zip(runs["ours"], runs["trl"])]
     ceilings = [rate(f) / rate(t) for f, t in zip(runs["floor"], runs["trl"])]
