@@ -3,6 +3,7 @@
 import io
 import json
 import re
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -186,7 +187,7 @@ def test_hostile_prompts_are_stored_as_text_and_never_become_markup_or_sql(
     assert "innerHTML" not in (Path(__file__).parents[1] / "eval/arena/static/arena.js").read_text()
 
 
-def test_refusals(evaluation, tmp_path, tiny_models):
+def test_refusals(evaluation, tmp_path, tiny_models, monkeypatch):
     client, config = arena(
         tmp_path, mode="compare", evaluation=str(evaluation), judgments_per_minute=8
     )
@@ -248,10 +249,14 @@ def test_refusals(evaluation, tmp_path, tiny_models):
         assert client.post("/api/judge", json=judgment(pair), headers=headers).status_code == 200
     refused(client.post("/api/judge", json=judgment(pair), headers=headers), 429, "rate limit")
     assert len(rows(config)) == 4
+    scratch = tmp_path / "tmp"  # where the export is built: nothing of it stays
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     exported = client.get("/admin/export", headers={"Authorization": "Bearer the-admin-token"})
     assert exported.status_code == 200
     names = zipfile.ZipFile(io.BytesIO(exported.content)).namelist()
     assert "judgments.csv" in names and any(n.endswith("-00000-of-00001.parquet") for n in names)
+    assert list(scratch.iterdir()) == []
 
 
 def test_a_long_prompt_is_refused(tiny_models, tmp_path):

@@ -33,6 +33,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
+from starlette.background import BackgroundTask
 
 from eval.arena.config import ArenaConfig
 from eval.arena.store import CHOICES, ImageRow, count_judgments, open_engine, record_judgment
@@ -279,12 +280,23 @@ def create_app(config: ArenaConfig, admin_token: str) -> FastAPI:
         from eval.arena.export import export
 
         check_admin(request)
+        # Built in a temporary folder that goes once the zip is sent (or the export fails):
+        # an export holds every image, and admins export again and again.
         folder = Path(tempfile.mkdtemp(prefix="arena-export-"))
-        export(
-            engine, config.images_dir, folder / "export", config.validation_fraction,
-            config.test_fraction,
-        )  # fmt: skip
-        archive = shutil.make_archive(str(folder / "arena_export"), "zip", folder / "export")
-        return FileResponse(archive, filename="arena_export.zip", media_type="application/zip")
+        try:
+            export(
+                engine, config.images_dir, folder / "export", config.validation_fraction,
+                config.test_fraction,
+            )  # fmt: skip
+            archive = shutil.make_archive(str(folder / "arena_export"), "zip", folder / "export")
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return FileResponse(
+            archive,
+            filename="arena_export.zip",
+            media_type="application/zip",
+            background=BackgroundTask(shutil.rmtree, folder, ignore_errors=True),
+        )
 
     return BodyLimit(app, config.max_body_bytes)
