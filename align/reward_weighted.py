@@ -15,8 +15,10 @@ weighted:
 
 Rounds repeat (online: each round samples from the current policy), or ``max_steps: 1`` with
 several ``inner_epochs`` distils one big sample once (offline). ``regularizer_dataset`` mixes
-in the denoising loss on a Pick-a-Pic dataset's preferred images (Lee et al.'s pre-training
-term), weighted by ``regularizer_weight``. LoRA by default; the output loads with
+in the denoising loss on reference images (Lee et al.'s pre-training term), weighted by
+``regularizer_weight``: a Pick-a-Pic dataset's preferred images, or renders of the toy world's
+prompts. Trained on its own samples alone, a model can drift even with equal weights (toy-sd
+does: docs/experiments/2026-12-toy-online.md). LoRA by default; the output loads with
 ``pipe.load_lora_weights``.
 """
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from align.losses import per_sample_mse, prediction_target
@@ -79,8 +82,10 @@ class RewardWeightedConfig(OnlineConfig):
     regularizer_dataset: str | None = field(
         default=None,
         metadata={
-            "help": "A Pick-a-Pic dataset (Hub id or folder, with :SPLIT) whose preferred "
-            "images add the plain denoising loss (None: off)."
+            "help": "Reference images that add the plain denoising loss, against drift from "
+            "training on the model's own samples: a Pick-a-Pic dataset (Hub id or folder, with "
+            ":SPLIT), its preferred images, or toy[:SPLIT], renders of the toy world's prompts "
+            "(the toy bases' pre-training data). None: off."
         },
     )
     regularizer_weight: float = field(
@@ -141,32 +146,62 @@ def weighted_denoising_loss(unet, scheduler, latents, cond, time_ids, weights, g
 
 
 class Regularizer:
-    """Preferred images of a Pick-a-Pic split, cycled in a seeded order, as denoising batches."""
+    """Denoising batches of reference images, in a seeded order: the preferred image of each pair
+    of a Pick-a-Pic split, or with ``toy[:SPLIT]`` fresh renders of the toy world's prompts (the
+    toy bases' pre-training data)."""
 
     def __init__(self, spec: str, parts, resolution: int, seed: int):
+        source, _, split = spec.partition(":")
+        self.parts, self.resolution, self.seed = parts, resolution, seed
+        self.pairs = self.attributes = None
+        if source == "toy":
+            from reward.toyworld import prompt_splits
+
+            splits = prompt_splits()
+            if (split or "train") not in splits:
+                raise ValueError(
+                    f"regularizer_dataset {spec!r}: toy splits are {', '.join(splits)}"
+                )
+            self.attributes = splits[split or "train"]
+            return
         from align.pairs import PreferencePairs
         from reward.data import load_pickapic
 
-        source, _, split = spec.partition(":")
         rows = load_pickapic(source, split or "train", streaming=False)
         self.pairs = PreferencePairs(rows, resolution, skip_bad=True, seed=seed)
         if len(self.pairs) == 0:
             raise ValueError(f"regularizer_dataset {spec!r}: no usable pair")
-        self.parts, self.seed = parts, seed
 
-    def batch(self, size: int, round_: int, micro: int, rank: int, device):
-        """(latents, conditioning, time ids) of ``size`` preferred images."""
-        from align.pairs import collate_pairs
+    def images(self, size: int, round_: int, micro: int, rank: int):
+        """(pixels (size, 3, R, R) in [-1, 1], prompts, time ids (size, 6)) of one batch."""
+        from align.pairs import choose_crop, collate_pairs, prepare_image
 
         rng = torch.Generator().manual_seed(hash((self.seed, round_, micro, rank)) % 2**63)
+        if self.attributes is not None:
+            from reward.toyworld import render
+
+            shown = [
+                self.attributes[i]
+                for i in torch.randint(0, len(self.attributes), (size,), generator=rng)
+            ]
+            draw = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=rng)))
+            centred = choose_crop(draw, random_crop=False, random_flip=False)
+            prepared = [prepare_image(render(a, draw, self.resolution), self.resolution, centred)
+                        for a in shown]  # fmt: skip
+            pixels, time_ids = (torch.stack(t) for t in zip(*prepared))
+            return pixels, [a.prompt for a in shown], time_ids
         rows = torch.randint(0, len(self.pairs), (size,), generator=rng).tolist()
         batch = collate_pairs([self.pairs[i] for i in rows])
         if "prompt" not in batch:
             raise ValueError("regularizer_dataset: a whole batch of bad rows")
-        pixels = batch["pixels"][:, 0].to(device)  # the preferred image of each pair
-        latents = self.parts.encode_images(pixels).float()
-        time_ids = batch["time_ids"][:, 0].to(device)
-        return latents, self.parts.encode_prompts(batch["prompt"]), time_ids
+        # the preferred image of each pair (winner first)
+        return batch["pixels"][:, 0], batch["prompt"], batch["time_ids"][:, 0]
+
+    def batch(self, size: int, round_: int, micro: int, rank: int, device):
+        """(latents, conditioning, time ids) of ``size`` reference images."""
+        pixels, prompts, time_ids = self.images(size, round_, micro, rank)
+        latents = self.parts.encode_images(pixels.to(device)).float()
+        return latents, self.parts.encode_prompts(prompts), time_ids.to(device)
 
 
 def card_lines(config: RewardWeightedConfig) -> list[str]:

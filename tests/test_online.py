@@ -142,6 +142,35 @@ def test_reward_weighted_and_best_of_n_weights_by_hand():
     assert top2.tolist() == [0, 1, 1, 0, 1, 1]
 
 
+def test_the_regularizer_gives_preferred_images_or_renders_of_their_prompts(toy_pairs):
+    from align.reward_weighted import Regularizer
+    from reward.toyworld import judge
+
+    def pil(pixels):
+        array = ((pixels.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+        return Image.fromarray(array)
+
+    renders = Regularizer("toy:train", None, 32, seed=0)
+    pixels, prompts, time_ids = renders.images(16, round_=3, micro=1, rank=0)
+    train = {a.prompt for a in prompt_splits()["train"]}
+    assert pixels.shape == (16, 3, 32, 32) and set(prompts) <= train
+    assert all(judge(p, pil(x)).all_correct for p, x in zip(prompts, pixels))
+    assert time_ids[0].tolist() == [32, 32, 0, 0, 32, 32]
+    again = renders.images(16, round_=3, micro=1, rank=0)  # a resumed run draws the same
+    assert torch.equal(again[0], pixels) and again[1] == prompts
+    assert not torch.equal(renders.images(16, round_=3, micro=1, rank=1)[0], pixels)
+    with pytest.raises(ValueError, match="toy splits are"):
+        Regularizer("toy:nope", None, 32, seed=0)
+    # a Pick-a-Pic folder: the preferred image of each pair, never the other one
+    preferred = Regularizer(f"{toy_pairs}:train", None, 32, seed=0)
+    pairs = [preferred.pairs[i] for i in range(len(preferred.pairs))]
+    pixels, prompts, _ = preferred.images(16, round_=0, micro=0, rank=0)
+    for image, prompt in zip(pixels, prompts):
+        sides = [p["pixels"] for p in pairs if p["prompt"] == prompt]
+        assert any(torch.equal(image, winner) for winner, _ in sides)
+        assert not any(torch.equal(image, loser) for _, loser in sides)
+
+
 def test_round_prompts_are_groups_with_distinct_seeds_and_depend_on_rank():
     config = DDPOConfig(model="unused", samples_per_round=8, group_size=4, train_batch_size=4)
     prompts = [f"prompt {i}" for i in range(50)]
@@ -222,10 +251,12 @@ def test_reward_weighted_resumes_and_best_of_n_trains_on_the_selected(tiny_model
         group_size=4,
         top_k=1,
         train_batch_size=2,
+        regularizer_dataset="toy:train",
     )
     train_weighted(RewardWeightedConfig(**settings), "sd")
     whole = log(tmp_path / "whole")
     assert whole[1]["train/trained_reward_mean"] > whole[1]["train/reward_mean"]
+    assert whole[1]["train/loss"] > whole[1]["train/weighted_loss"] > 0  # the renders' loss adds
     part = {**settings, "output_dir": str(tmp_path / "part"), "max_steps": 1}
     train_weighted(RewardWeightedConfig(**part), "sd")
     resumed = {**part, "max_steps": 3, "resume_from_checkpoint": "latest"}
