@@ -180,10 +180,8 @@ class Regularizer:
         if self.attributes is not None:
             from reward.toyworld import render
 
-            shown = [
-                self.attributes[i]
-                for i in torch.randint(0, len(self.attributes), (size,), generator=rng)
-            ]
+            rows = torch.randint(0, len(self.attributes), (size,), generator=rng).tolist()
+            shown = [self.attributes[i] for i in rows]
             draw = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=rng)))
             centred = choose_crop(draw, random_crop=False, random_flip=False)
             prepared = [prepare_image(render(a, draw, self.resolution), self.resolution, centred)
