@@ -43,6 +43,7 @@ from align.online import (
     start_run,
 )
 from reward.runtime import ConfigError, check_finite, progress_bar
+from reward.sources import require
 
 
 @dataclass
@@ -99,6 +100,8 @@ class RewardWeightedConfig(OnlineConfig):
             raise ConfigError(
                 f"top_k {self.top_k} keeps every one of group_size {self.group_size} samples"
             )
+        if self.regularizer_dataset:
+            toy_split(self.regularizer_dataset)
 
     def trained_per_round(self) -> int:
         """Samples a round trains on (per process)."""
@@ -145,28 +148,38 @@ def weighted_denoising_loss(unet, scheduler, latents, cond, time_ids, weights, g
     return (weights.to(mse) * mse).mean(), mse.detach()
 
 
+def toy_split(spec: str) -> str | None:
+    """The toy split ``spec`` (``toy[:SPLIT]``) names, None if it names no toy split; an
+    unknown toy split is a ConfigError."""
+    source, _, split = spec.partition(":")
+    if source != "toy":
+        return None
+    from reward.toyworld import prompt_splits
+
+    if (split or "train") not in prompt_splits():
+        raise ConfigError(
+            f"regularizer_dataset {spec!r}: toy splits are {', '.join(prompt_splits())}"
+        )
+    return split or "train"
+
+
 class Regularizer:
     """Denoising batches of reference images, in a seeded order: the preferred image of each pair
     of a Pick-a-Pic split, or with ``toy[:SPLIT]`` fresh renders of the toy world's prompts (the
     toy bases' pre-training data)."""
 
     def __init__(self, spec: str, parts, resolution: int, seed: int):
-        source, _, split = spec.partition(":")
         self.parts, self.resolution, self.seed = parts, resolution, seed
         self.pairs = self.attributes = None
-        if source == "toy":
+        if toy_split(spec):
             from reward.toyworld import prompt_splits
 
-            splits = prompt_splits()
-            if (split or "train") not in splits:
-                raise ValueError(
-                    f"regularizer_dataset {spec!r}: toy splits are {', '.join(splits)}"
-                )
-            self.attributes = splits[split or "train"]
+            self.attributes = prompt_splits()[toy_split(spec)]
             return
         from align.pairs import PreferencePairs
         from reward.data import load_pickapic
 
+        source, _, split = spec.partition(":")
         rows = load_pickapic(source, split or "train", streaming=False)
         self.pairs = PreferencePairs(rows, resolution, skip_bad=True, seed=seed)
         if len(self.pairs) == 0:
@@ -228,6 +241,8 @@ def card_lines(config: RewardWeightedConfig) -> list[str]:
 def train(config: RewardWeightedConfig, family: str) -> Path:
     """Run ``max_steps`` rounds; write ``<output_dir>/final`` (LoRA or UNet, card, metrics)."""
     method = "reward-weighted" if config.weighting == "softmax" else "best-of-n distillation"
+    if config.regularizer_dataset and not toy_split(config.regularizer_dataset):
+        require(config.regularizer_dataset.partition(":")[0], "dataset", "regularizer_dataset")
     run = start_run(config, family, method)
     accelerator, unet, parts = run.accelerator, run.unet, run.parts
     noise_scheduler = parts.noise_scheduler

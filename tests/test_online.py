@@ -142,7 +142,7 @@ def test_reward_weighted_and_best_of_n_weights_by_hand():
     assert top2.tolist() == [0, 1, 1, 0, 1, 1]
 
 
-def test_the_regularizer_gives_preferred_images_or_renders_of_their_prompts(toy_pairs):
+def test_the_regularizer_gives_preferred_images_or_renders_of_their_prompts(toy_pairs, tmp_path):
     from align.reward_weighted import Regularizer
     from reward.toyworld import judge
 
@@ -159,8 +159,14 @@ def test_the_regularizer_gives_preferred_images_or_renders_of_their_prompts(toy_
     again = renders.images(16, round_=3, micro=1, rank=0)  # a resumed run draws the same
     assert torch.equal(again[0], pixels) and again[1] == prompts
     assert not torch.equal(renders.images(16, round_=3, micro=1, rank=1)[0], pixels)
-    with pytest.raises(ValueError, match="toy splits are"):
-        Regularizer("toy:nope", None, 32, seed=0)
+    with pytest.raises(ConfigError, match="toy splits are"):
+        RewardWeightedConfig(model="unused", regularizer_dataset="toy:nope")
+    missing = RewardWeightedConfig(
+        model=str(TOY_SD), output_dir=str(tmp_path), regularizer_dataset=str(tmp_path / "none")
+    )
+    with pytest.raises(FileNotFoundError, match="regularizer_dataset: .* does not exist"):
+        train_weighted(missing, "sd")  # before anything loads
+    assert not (tmp_path / "config.yaml").exists()
     # a Pick-a-Pic folder: the preferred image of each pair, never the other one
     preferred = Regularizer(f"{toy_pairs}:train", None, 32, seed=0)
     pairs = [preferred.pairs[i] for i in range(len(preferred.pairs))]
