@@ -84,9 +84,10 @@ class RewardWeightedConfig(OnlineConfig):
         default=None,
         metadata={
             "help": "Reference images that add the plain denoising loss, against drift from "
-            "training on the model's own samples: a Pick-a-Pic dataset (Hub id or folder, with "
-            ":SPLIT), its preferred images, or toy[:SPLIT], renders of the toy world's prompts "
-            "(the toy bases' pre-training data). None: off."
+            "training on the model's own samples: a Pick-a-Pic dataset (folder or Hub id, "
+            "with :SPLIT; read whole, so a few local shards rather than a Hub image set), its "
+            "preferred images, or toy[:SPLIT], renders of the toy world's prompts (the toy "
+            "bases' pre-training data). None: off."
         },
     )
     regularizer_weight: float = field(
