@@ -96,8 +96,9 @@ def require_postgres() -> None:
     require_system(bool(found), "PostgreSQL", "postgresql")
 
 
-def chrome():
-    """Debian's Chromium, headless, through ChromeDriver."""
+def chrome(scratch: Path):
+    """Debian's Chromium, headless, through ChromeDriver; its temporary files (the singleton
+    socket folders it leaves behind) go under ``scratch``, not /tmp."""
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     require_system(
         bool(chromium and driver), "Chromium with ChromeDriver", "chromium chromium-driver"
@@ -113,4 +114,5 @@ def chrome():
         "--disable-dev-shm-usage",
     ):  # fmt: skip
         options.add_argument(flag)
-    return webdriver.Chrome(service=Service(driver), options=options)
+    service = Service(driver, env={**os.environ, "TMPDIR": str(scratch)})
+    return webdriver.Chrome(service=service, options=options)

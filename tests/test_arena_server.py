@@ -106,7 +106,7 @@ def test_a_rater_clicks_ten_judgments_in_chromium_and_the_export_trains_a_reward
     (tmp_path / "arena.yaml").write_text(yaml.safe_dump(config))
     port = free_port()
     server = start_server(tmp_path / "arena.yaml", port, tmp_path / "server.log")
-    browser = chrome()
+    browser = chrome(tmp_path)
     keys = [Keys.ARROW_LEFT, Keys.ARROW_RIGHT, Keys.ARROW_DOWN]
     choices = []
     try:

@@ -296,9 +296,11 @@ def lookup(results: dict, key: str):
 
 
 @pytest.mark.integration
-def test_the_report_in_a_browser_shows_every_image_and_the_figures_of_results_json(evaluated):
+def test_the_report_in_a_browser_shows_every_image_and_the_figures_of_results_json(
+    evaluated, tmp_path
+):
     results = json.loads((evaluated / "results.json").read_text())
-    browser = chrome()
+    browser = chrome(tmp_path)
     try:
         browser.get((evaluated / "report.html").as_uri())
         images = browser.execute_script(
