@@ -172,10 +172,11 @@ class Regularizer:
     def __init__(self, spec: str, parts, resolution: int, seed: int):
         self.parts, self.resolution, self.seed = parts, resolution, seed
         self.pairs = self.attributes = None
-        if toy_split(spec):
+        split = toy_split(spec)
+        if split:
             from reward.toyworld import prompt_splits
 
-            self.attributes = prompt_splits()[toy_split(spec)]
+            self.attributes = prompt_splits()[split]
             return
         from align.pairs import PreferencePairs
         from reward.data import load_pickapic
