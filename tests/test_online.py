@@ -307,6 +307,20 @@ def test_two_processes_share_one_round_and_its_prompt_statistics(tiny_models, tm
     assert metrics["prompt_stats"]["rewards"] == 16 and metrics["samples"] == 16
 
 
+def test_reward_weighted_runs_in_two_processes_with_the_regularizer(tiny_models, tmp_path):
+    prompts = write_prompts(tmp_path, ["a red circle", "a blue square"])
+    settings = common(tiny_models["sd"], tmp_path / "run", prompts, checkpointing_steps=0)
+    settings.update(weighting="best_of_n", regularizer_dataset="toy:train")
+    args = [f"--{key}={value}" for key, value in settings.items()]
+    launch("cpu_2proc.yaml", str(REPO / "recipes" / "reward_weighted.py"), *args)
+    metrics = json.loads((tmp_path / "run" / "final" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["distributed_type"] == "MULTI_CPU"
+    rounds = log(tmp_path / "run")
+    assert sorted(rounds) == [1, 2] and all(
+        r["train/regularizer_loss"] > 0 for r in rounds.values()
+    )
+
+
 def test_rank_keeps_the_best_of_n_by_the_reward_and_writes_every_candidate(tiny_models, tmp_path):
     from align.rank import load_ranking
     from eval.cli import main
