@@ -333,9 +333,9 @@ def real_size_pipeline(family: str, folder: Path, device) -> Path:
     if (folder / "model_index.json").exists():
         return folder
     import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from align.tiny import save_pipeline
+    from align.tiny import save_pipeline, tiny_scheduler
     from bench.dpo_step import clip_bigg_text, clip_l_text, sd15_unet, sd15_vae, sdxl_unet
     from reward.tokenizer import build_clip_tokenizer
 
@@ -345,14 +345,7 @@ def real_size_pipeline(family: str, folder: Path, device) -> Path:
         vae = sd15_vae()
         text = clip_l_text().half()
         text_2 = clip_bigg_text().half() if family == "sdxl" else None
-    scheduler = DDIMScheduler(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = tiny_scheduler()  # SD's DDIM settings, the tiny and toy pipelines' scheduler
     tokenizer = build_clip_tokenizer(folder.parent / f"_{folder.name}_tokenizer")
     parts = dict(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=scheduler)
     if family == "sdxl":
