@@ -84,10 +84,18 @@ class RewardWeightedConfig(OnlineConfig):
         default=None,
         metadata={
             "help": "Reference images that add the plain denoising loss, against drift from "
-            "training on the model's own samples: a Pick-a-Pic dataset (folder or Hub id, "
-            "with :SPLIT; read whole, so a few local shards rather than a Hub image set), its "
-            "preferred images, or toy[:SPLIT], renders of the toy world's prompts (the toy "
-            "bases' pre-training data). None: off."
+            "training on the model's own samples: a Pick-a-Pic dataset (Hub id or folder, "
+            "with :SPLIT), the preferred images of its first regularizer_rows rows, or "
+            "toy[:SPLIT], renders of the toy world's prompts (the toy bases' pre-training "
+            "data). None: off."
+        },
+    )
+    regularizer_rows: int = field(
+        default=4096,
+        metadata={
+            "range": "> 0",
+            "help": "Rows of a Pick-a-Pic regularizer read, the split's first, streamed once "
+            "into the datasets cache: a Hub image set is never downloaded whole.",
         },
     )
     regularizer_weight: float = field(
@@ -166,10 +174,10 @@ def toy_split(spec: str) -> str | None:
 
 class Regularizer:
     """Denoising batches of reference images, in a seeded order: the preferred image of each pair
-    of a Pick-a-Pic split, or with ``toy[:SPLIT]`` fresh renders of the toy world's prompts (the
-    toy bases' pre-training data)."""
+    in the first ``rows`` rows of a Pick-a-Pic split, or with ``toy[:SPLIT]`` fresh renders of
+    the toy world's prompts (the toy bases' pre-training data)."""
 
-    def __init__(self, spec: str, parts, resolution: int, seed: int):
+    def __init__(self, spec: str, parts, resolution: int, seed: int, rows: int = 4096):
         self.parts, self.resolution, self.seed = parts, resolution, seed
         self.pairs = self.attributes = None
         split = toy_split(spec)
@@ -179,11 +187,12 @@ class Regularizer:
             self.attributes = prompt_splits()[split]
             return
         from align.pairs import PreferencePairs
-        from reward.data import load_pickapic
+        from reward.data import first_rows
 
         source, _, split = spec.partition(":")
-        rows = load_pickapic(source, split or "train", streaming=False)
-        self.pairs = PreferencePairs(rows, resolution, skip_bad=True, seed=seed)
+        self.pairs = PreferencePairs(
+            first_rows(source, split or "train", rows), resolution, skip_bad=True, seed=seed
+        )
         if len(self.pairs) == 0:
             raise ValueError(f"regularizer_dataset {spec!r}: no usable pair")
 
@@ -253,7 +262,9 @@ def train(config: RewardWeightedConfig, family: str) -> Path:
         size = config.resolution or run.policy.config.sample_size * 2 ** (
             len(parts.vae.config.block_out_channels) - 1
         )
-        regularizer = Regularizer(config.regularizer_dataset, parts, size, config.seed)
+        regularizer = Regularizer(
+            config.regularizer_dataset, parts, size, config.seed, config.regularizer_rows
+        )
     round_, rank, logs = run.state["step"], accelerator.process_index, {}
     bar = progress_bar(accelerator, config.max_steps, round_, desc=f"{method} {family}")
     while round_ < config.max_steps:

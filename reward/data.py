@@ -228,6 +228,38 @@ def load_pickapic(source: str | Path, split: str = "train", streaming: bool | No
     return datasets.load_dataset(str(source), split=split, streaming=streaming)
 
 
+def first_rows(source: str | Path, split: str, rows: int):
+    """The first ``rows`` rows of a Pick-a-Pic split as a map-style ``datasets.Dataset``, read
+    by streaming and kept in the datasets cache: a Hub image set (hundreds of GB) is read only
+    that far, once, and every process of a run shares the copy."""
+    import datasets
+
+    whole = load_pickapic(source, split, streaming=True)
+    if isinstance(whole, datasets.Dataset):  # a save_to_disk folder: already on disk
+        return whole.select(range(min(rows, len(whole))))
+    path = Path(source)
+    # A local folder's files may change under the same name: their sizes and times join the
+    # cache's key.
+    stamp = (
+        sorted(
+            (str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in path.rglob("*") if f.is_file()
+        )
+        if path.is_dir()
+        else []
+    )
+    return datasets.Dataset.from_generator(
+        _stream_rows,
+        features=whole.features,
+        gen_kwargs={"source": str(source), "split": split, "rows": rows, "stamp": repr(stamp)},
+    )
+
+
+def _stream_rows(source: str, split: str, rows: int, stamp: str) -> Iterator[dict]:
+    from itertools import islice
+
+    yield from islice(load_pickapic(source, split, streaming=True), rows)
+
+
 # ----------------------------------------------------------------------------------------------
 # Decoding
 

@@ -17,6 +17,7 @@ from align.prompts import load_prompts
 from align.reward_weighted import RewardWeightedConfig, sample_weights
 from align.reward_weighted import train as train_weighted
 from align.sampler import sample, step_log_prob
+from reward.data import load_pickapic
 from reward.runtime import ConfigError
 from reward.toyworld import prompt_splits
 from tests.conftest import REPO, launch
@@ -167,10 +168,12 @@ def test_the_regularizer_gives_preferred_images_or_renders_of_their_prompts(toy_
     with pytest.raises(FileNotFoundError, match="regularizer_dataset: .* does not exist"):
         train_weighted(missing, "sd")  # before anything loads
     assert not (tmp_path / "config.yaml").exists()
-    # a Pick-a-Pic folder: the preferred image of each pair, never the other one
-    preferred = Regularizer(f"{toy_pairs}:train", None, 32, seed=0)
+    # a Pick-a-Pic folder: the preferred image of each pair of its first rows, never the other
+    preferred = Regularizer(f"{toy_pairs}:train", None, 32, seed=0, rows=8)
     pairs = [preferred.pairs[i] for i in range(len(preferred.pairs))]
     pixels, prompts, _ = preferred.images(16, round_=0, micro=0, rank=0)
+    first = load_pickapic(toy_pairs, "train", streaming=False)["caption"][:8]
+    assert len(preferred.pairs.rows) == 8 and set(prompts) <= set(first)
     for image, prompt in zip(pixels, prompts):
         sides = [p["pixels"] for p in pairs if p["prompt"] == prompt]
         assert any(torch.equal(image, winner) for winner, _ in sides)
