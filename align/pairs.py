@@ -28,6 +28,7 @@ from reward.data import (
     DatasetConfig,
     PairFilter,
     decode_row,
+    first_rows,
     load_pickapic,
     split_bad,
     usable_rows,
@@ -353,7 +354,12 @@ class PairDataConfig(DatasetConfig):
         default=False, metadata={"help": "Train on ties too (target 0.5 instead of a winner)."}
     )
     max_pairs: int | None = field(
-        default=None, metadata={"range": "> 0", "help": "Use only the first N usable pairs."}
+        default=None,
+        metadata={
+            "range": "> 0",
+            "help": "Use only the first N usable pairs: the split is streamed only as far as the "
+            "rows that hold them (a Hub split is not downloaded whole).",
+        },
     )
     resolution: int = field(
         default=512, metadata={"range": "> 0", "help": "Training resolution (square)."}
@@ -369,6 +375,20 @@ class PairDataConfig(DatasetConfig):
     )
 
 
+def rows_holding(source, split: str, pairs: int | None, filters: PairFilter, skip_bad: bool):
+    """A split's rows: all of them, or the first rows that hold ``pairs`` usable pairs, read by
+    streaming (``first_rows``: a Hub split is read only that far), a quarter more rows than pairs
+    first and twice as many each time that falls short."""
+    if not pairs:
+        return load_pickapic(source, split, streaming=False)
+    count = pairs + pairs // 4
+    while True:
+        rows = first_rows(source, split, count)
+        if len(rows) < count or len(usable_rows(rows, filters, skip_bad)) >= pairs:
+            return rows
+        count *= 2
+
+
 def make_pair_dataset(config, parts, accelerator, held_out: str | None = None, limit=None):
     """The training pairs (``config.split``, with its augmentation), or with ``held_out`` that
     split's pairs for validation (centre-cropped, unflipped, at most ``limit``); as raw pairs, or
@@ -376,13 +396,13 @@ def make_pair_dataset(config, parts, accelerator, held_out: str | None = None, l
     sits beside the training one as ``<cache_dir>-<split>``)."""
     training = held_out is None
     split = config.split if training else held_out
-    rows = load_pickapic(config.dataset, split, streaming=False)
+    limit = config.max_pairs if training else limit
     crop, flip = (config.random_crop, config.random_flip) if training else (False, False)
     filters = PairFilter(keep_ties=config.keep_ties)
+    rows = rows_holding(config.dataset, split, limit, filters, config.skip_bad_rows)
     pairs = PreferencePairs(
         rows, config.resolution, filters, config.skip_bad_rows, crop, flip, config.seed
     )
-    limit = config.max_pairs if training else limit
     if limit:
         pairs.index = pairs.index[:limit]
     if not config.cache_dir:

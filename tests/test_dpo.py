@@ -574,3 +574,28 @@ def test_a_short_run_learns_the_oracle_preference_on_held_out_prompts(tmp_path):
     validated = {row["step"]: row for row in log_rows(tmp_path / "run") if "val/loss" in row}
     assert sorted(validated) == [15, 30]
     assert validated[30]["val/loss"] == pytest.approx(validation["loss"])
+
+
+def test_max_pairs_reads_only_the_rows_that_hold_them(tmp_path, monkeypatch):
+    import reward.data
+    from align.pairs import make_pair_dataset
+    from reward.data import write_split
+    from tests.test_data import make_row
+
+    rows = [
+        make_row(i, f"p{i}", labels=(0.5, 0.5) if i % 3 == 0 else (1.0, 0.0)) for i in range(60)
+    ]
+    write_split(rows, tmp_path, "train")
+    whole = PreferencePairs(load_pickapic(tmp_path, "train", streaming=False), 16)
+    pulled, load = [], reward.data.load_pickapic
+
+    def counted(*args, **kwargs):
+        return load(*args, **kwargs).map(lambda row: pulled.append(row["caption"]) or row)
+
+    monkeypatch.setattr(reward.data, "load_pickapic", counted)
+    config = DPOConfig(model="unused", dataset=str(tmp_path), max_pairs=10, resolution=16)
+    pairs = make_pair_dataset(config, None, None)
+    assert [pairs[i]["prompt"] for i in range(len(pairs))] == [
+        whole[i]["prompt"] for i in range(10)
+    ]  # the same first ten usable pairs (ties skipped) as from the whole split
+    assert 10 < len(set(pulled)) < 60  # read by streaming, not the whole split
