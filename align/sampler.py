@@ -127,7 +127,9 @@ def ddim_step(scheduler, model_output, timestep, sample, eta: float, noise=None,
     std = eta * variance.sqrt()  # (B or 1, 1, 1, 1)
     mean = alpha_prev.sqrt() * x0 + (1 - alpha_prev - std**2).sqrt() * eps
     if prev is None:
-        prev = mean if noise is None else mean + std * noise.to(mean)
+        # In the latents' dtype before its log-density is taken: a bf16 trajectory stores the
+        # rounded value, and a recomputed step must score the same value.
+        prev = (mean if noise is None else mean + std * noise.to(mean)).to(sample.dtype)
     log_prob = None
     if eta > 0:
         log_prob = (

@@ -72,13 +72,18 @@ def log(folder) -> dict[int, dict]:
 # Pieces
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl"])
-def test_per_image_steps_recompute_the_sampled_log_probs(tiny_models, family):
-    parts = load_parts(str(tiny_models[family]))
+@pytest.mark.parametrize(
+    "family,dtype", [("sd", "float32"), ("sdxl", "float32"), ("sd", "bfloat16")]
+)
+def test_per_image_steps_recompute_the_sampled_log_probs(tiny_models, family, dtype):
+    # bf16: a LoRA run in mixed precision keeps the base UNet, so the trajectory, in bf16
+    parts = load_parts(str(tiny_models[family]), unet_dtype=getattr(torch, dtype))
     prompts = ["a red circle", "a blue square", "a cat"]
-    trajectory = sample(parts, prompts, [0, 1, 2], steps=5, guidance_scale=4.0, eta=1.0)
-    steps = torch.tensor([4, 0, 2])
-    again = step_log_prob(parts.unet, parts, trajectory, steps, 4.0, 1.0)
+    with torch.autocast("cpu", torch.bfloat16, enabled=dtype == "bfloat16"):
+        trajectory = sample(parts, prompts, [0, 1, 2], steps=5, guidance_scale=4.0, eta=1.0)
+        steps = torch.tensor([4, 0, 2])
+        again = step_log_prob(parts.unet, parts, trajectory, steps, 4.0, 1.0)
+    assert trajectory.latents.dtype == getattr(torch, dtype)
     expected = trajectory.log_probs[torch.arange(3), steps]
     torch.testing.assert_close(again, expected, atol=1e-4, rtol=1e-5)
 
