@@ -53,7 +53,8 @@ class Monitor:
             scores = {"reward": self.reward.score(prompts, images)}
             for spec, other in self.others.items():
                 scores[spec] = other.score(prompts, images)
-            sums = torch.stack([s.float().sum() for s in scores.values()] + [torch.tensor(1.0)])
+            sums = [s.float().sum().cpu() for s in scores.values()]  # a reward may give CUDA
+            sums = torch.stack(sums + [torch.tensor(1.0)])
             sums[-1] = len(prompts)
         else:  # more processes than prompts
             sums = torch.zeros(len(self.others) + 2)

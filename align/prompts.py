@@ -3,7 +3,7 @@
 - ``toy`` or ``toy:<split>``: the toy world's prompts (``train`` by default; ``validation``,
   ``test``);
 - a ``.txt`` file: one prompt per line (blank lines skipped);
-- a table, ``.csv``, ``.tsv``, ``.jsonl``, ``.json`` (a list of rows or of strings) or
+- a table, ``.csv``, ``.tsv``, ``.jsonl``, ``.json`` (a list of rows or of strings, or columns) or
   ``.parquet``, with a ``caption`` or ``prompt`` column (also ``prompts``, ``text``, any case;
   ``FILE:COLUMN`` names another): PartiPrompts' tsv, DrawBench's csv, HPDv2's json;
 - a Pick-a-Pic dataset, a Hub id or a local folder, with ``:<split>`` (default ``train``): its
@@ -47,7 +47,15 @@ def _table_prompts(spec: str) -> list[str]:
         table = pd.read_json(path, lines=True)
     elif suffix == ".json":
         rows = json.loads(Path(path).read_text())
-        table = pd.DataFrame({"prompt": rows} if rows and isinstance(rows[0], str) else rows)
+        if isinstance(rows, list) and rows and isinstance(rows[0], str):
+            rows = {"prompt": rows}
+        elif not isinstance(rows, list) and not (
+            isinstance(rows, dict) and all(isinstance(v, list) for v in rows.values())
+        ):
+            raise ValueError(
+                f"prompts {spec!r}: expected a list of strings or of rows, or columns as lists"
+            )
+        table = pd.DataFrame(rows)
     else:
         table = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",")
     if column is None:

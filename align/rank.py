@@ -53,7 +53,8 @@ def best_of_n(
             raise ValueError(f"template {template!r} has no {{prompt}} placeholder")
     results = []
     for prompt in prompts:
-        sampled = [templates[j % len(templates)].format(prompt=prompt) for j in range(n)]
+        # replace, not format: other braces in a template are the user's text
+        sampled = [templates[j % len(templates)].replace("{prompt}", prompt) for j in range(n)]
         seeds = [first_seed + j for j in range(n)]
         images = []
         for start in range(0, n, batch_size):

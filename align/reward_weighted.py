@@ -322,11 +322,13 @@ def train(config: RewardWeightedConfig, family: str) -> Path:
                     sums[key] = sums.get(key, 0.0) + float(value.detach())
                 count, micro = count + 1, micro + 1
         round_ += 1
+        trained = torch.stack([(weights * rewards[kept].float()).sum(), weights.sum()])
+        trained = accelerator.reduce(trained.to(accelerator.device), "sum").cpu()
         logs = {
             **mean_figures(accelerator, sums, count),
             "train/reward_mean": all_rewards.mean().item(),
             "train/reward_std": all_rewards.std().item(),
-            "train/trained_reward_mean": float((weights * rewards[kept]).sum() / weights.sum()),
+            "train/trained_reward_mean": float(trained[0] / trained[1]),  # every process's
             "train/lr": run.scheduler.get_last_lr()[0],
         }
         bar.update(1)

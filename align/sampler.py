@@ -195,6 +195,12 @@ def sample(
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     unet = unet if unet is not None else parts.unet
     scheduler = ddim_scheduler(parts)
+    if log_probs and scheduler.final_alpha_cumprod >= 1:
+        raise ValueError(
+            "the scheduler's set_alpha_to_one is true, which makes the last DDIM step "
+            "deterministic (std 0) with no log-probability; set it to false in the model's "
+            "scheduler/scheduler_config.json, as SD and SDXL ship"
+        )
     scheduler.set_timesteps(steps)
     scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)  # the VAE's downsampling
     size = size or unet.config.sample_size * scale

@@ -253,6 +253,12 @@ def test_prompt_tables(tmp_path, suffix):
         with pytest.raises(ValueError, match="name one as FILE:COLUMN"):
             load_prompts(str(path))
         assert load_prompts(f"{path}:words") == ["a cat", "a dog"]
+    if suffix == ".json":  # columns as lists; anything else is named
+        path.write_text(json.dumps({"id": [1, 2], "caption": ["a cow", "a hen"]}))
+        assert load_prompts(str(path)) == ["a cow", "a hen"]
+        path.write_text(json.dumps({"prompts": "a cow"}))
+        with pytest.raises(ValueError, match="expected a list of strings or of rows"):
+            load_prompts(str(path))
 
 
 def test_clip_and_aesthetic_scores_by_hand(tiny_models, tmp_path):

@@ -59,7 +59,11 @@ def test_a_recomputed_step_log_prob_is_the_sampled_one_and_carries_gradients(nam
     assert (other - trajectory.log_probs[:, 3]).abs().max() > 1e-3
 
 
-def test_eta_zero_with_log_probs_is_refused():
+def test_log_probs_are_refused_where_a_step_has_none():
     parts = load_parts(str(MODELS["toy-sd"]))
     with pytest.raises(ValueError, match="eta 0 makes every DDIM step deterministic"):
         sample(parts, PROMPTS[:1], [0], steps=2, eta=0.0)
+    parts.noise_scheduler.register_to_config(set_alpha_to_one=True)  # the last step's std is 0
+    with pytest.raises(ValueError, match="set_alpha_to_one is true"):
+        sample(parts, PROMPTS[:1], [0], steps=2, eta=1.0)
+    assert sample(parts, PROMPTS[:1], [0], steps=2, eta=1.0, log_probs=False).log_probs is None
