@@ -43,6 +43,7 @@ from align.pairs import (
 __all__ = ["DPOConfig", "pair_step", "train", "validate"]
 from align.release import averaged_weights, make_ema, model_card, release_writer
 from reward.runtime import (
+    EpochBatches,
     EpochSampler,
     append_log,
     atomic_path,
@@ -246,32 +247,23 @@ def train(config: DPOConfig, family: str) -> Path:
     ema = make_ema(accelerator, config.ema_decay, trainable)
     state = resume(accelerator, config)
     step = state["step"]
-    steps_per_epoch = len(loader) // config.gradient_accumulation_steps
-    if steps_per_epoch == 0:
+    if len(loader) < config.gradient_accumulation_steps:
         raise ValueError(
             f"{len(dataset)} pairs do not fill one optimizer step of "
             f"{config.batch_size * config.gradient_accumulation_steps} pairs per process"
         )
+    batches = EpochBatches(accelerator, loader, "prompt", state, config.gradient_accumulation_steps)
     noise_scheduler = parts.noise_scheduler
     bar = progress_bar(accelerator, config.max_steps, step, desc=f"dpo {family}")
-    skipped, logs, micro, validation, bad_rows = 0, {}, 0, None, {}
-    while step < config.max_steps:
-        epoch, done_in_epoch = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(
-            loader, done_in_epoch * config.gradient_accumulation_steps
-        )
+    logs, micro, validation = {}, 0, None
+    if step < config.max_steps:
         for batch in batches:
-            bad_rows.update(batch.pop("bad_rows"))
-            if "prompt" not in batch:  # every row of it was bad
-                skipped += 1
-                continue
             latents, cond, time_ids = batch_inputs(batch, parts, cached, accelerator.device)
             # Randomness from (seed, step, micro-batch, rank): a resumed run draws the same.
             generator = torch.Generator().manual_seed(
                 hash((config.seed, step, micro, accelerator.process_index)) % 2**63
             )
-            micro = (micro + 1) % config.gradient_accumulation_steps
+            micro += 1
             cond, dropped = drop_captions(cond, uncond, config.caption_dropout, generator)
             with accelerator.accumulate(unet):
                 figures = pair_step(
@@ -298,6 +290,7 @@ def train(config: DPOConfig, family: str) -> Path:
                 optimizer.zero_grad()
             if not accelerator.sync_gradients:
                 continue
+            micro = 0
             if ema is not None:
                 ema.step(trainable)
             step += 1
@@ -337,17 +330,18 @@ def train(config: DPOConfig, family: str) -> Path:
                     )
             if config.checkpointing_steps and step % config.checkpointing_steps == 0:
                 writer = release(accelerator, unet, config, ema, trainable)
-                save_checkpoint(accelerator, config, step, extra_files=writer)
+                save_checkpoint(accelerator, config, step, extra_files=writer, **batches.state())
             if step >= config.max_steps:
                 break
     bar.close()
+    bad_rows = batches.all_bad_rows()
     accelerator.wait_for_everyone()
     final = out / "final"
     metrics = {
         "steps": step,
         "train_minutes": round((time.time() - started) / 60, 2),
         "world_size": accelerator.num_processes,
-        "skipped_batches": skipped,
+        "skipped_batches": batches.skipped,
         "data": dataset.report.with_bad_rows(bad_rows).as_dict(),
         "distributed_type": accelerator.distributed_type.value,
         "final_loss": logs.get("train/loss"),

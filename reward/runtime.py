@@ -398,6 +398,76 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.size
 
 
+class EpochBatches:
+    """A training loop's batches, epoch after epoch, and where the loop stands in them.
+
+    - Each pass sets the prepared loader's epoch first: accelerate re-seeds the sampler with the
+      loader's own epoch count at every pass, which a loop over ``skip_first_batches`` copies and
+      never advances (every epoch would replay the first one's order).
+    - The position is counted in batches (``state()``, saved in checkpoints), not derived from
+      optimizer steps: an epoch that does not divide by the accumulation ends on a short step,
+      and a skipped batch makes none.
+    - A batch with no usable row (no ``key``) on any process is skipped on every process, so the
+      processes' accumulation and collectives stay paired. Its rows are counted with the other
+      bad rows by reason; an epoch of nothing but bad rows is an error, not an endless loop.
+    """
+
+    def __init__(self, accelerator, loader, key: str, state: dict, accumulation: int = 1):
+        self.accelerator, self.loader, self.key = accelerator, loader, key
+        if "epoch" in state:
+            self.epoch, self.position = state["epoch"], state["batch"]
+        else:  # fresh, or a checkpoint from before positions were saved (whole windows)
+            epoch, done = divmod(state.get("step", 0), max(1, len(loader) // accumulation))
+            self.epoch, self.position = epoch, done * accumulation
+        # {row: reason} of the bad rows met (a row met again in a later epoch counts once); a
+        # skipped batch is skipped on every process, so each holds the run's count.
+        self.bad_rows = {int(row): why for row, why in state.get("bad_rows", {}).items()}
+        self.skipped = state.get("skipped_batches", 0)
+
+    def __iter__(self):
+        while True:
+            self.loader.set_epoch(self.epoch)
+            fresh, used = self.position == 0, 0
+            for batch in self.accelerator.skip_first_batches(self.loader, self.position):
+                self.position += 1
+                self.bad_rows.update(batch.pop("bad_rows"))
+                if not self._usable_everywhere(self.key in batch):
+                    self.skipped += 1
+                    continue
+                used += 1
+                yield batch
+            if fresh and not used:
+                reasons = sorted(set(self.bad_rows.values()))
+                raise ValueError(
+                    f"epoch {self.epoch} held no usable batch: {len(self.bad_rows)} bad rows "
+                    f"({', '.join(reasons)}); fix or drop them (pickalign data inspect lists them)"
+                )
+            self.epoch, self.position = self.epoch + 1, 0
+
+    def _usable_everywhere(self, usable: bool) -> bool:
+        if self.accelerator.num_processes == 1:
+            return usable
+        flag = torch.tensor([0.0 if usable else 1.0], device=self.accelerator.device)
+        return self.accelerator.reduce(flag, "sum").item() == 0
+
+    def all_bad_rows(self) -> dict[int, str]:
+        """{row: reason} of the bad rows every process met (all processes must call it)."""
+        from accelerate.utils import gather_object
+
+        if self.accelerator.num_processes == 1:
+            return dict(self.bad_rows)
+        return {row: why for part in gather_object([self.bad_rows]) for row, why in part.items()}
+
+    def state(self) -> dict[str, Any]:
+        """Where the loop stands, for a checkpoint (all processes must call it)."""
+        return {
+            "epoch": self.epoch,
+            "batch": self.position,
+            "bad_rows": self.all_bad_rows(),
+            "skipped_batches": self.skipped,
+        }
+
+
 # ----------------------------------------------------------------------------------------------
 # Optimizers and schedules
 

@@ -34,6 +34,7 @@ from reward.evaluate import accuracy_report, evaluate_reward, pair_probabilities
 from reward.losses import in_batch_negatives_loss, preference_loss
 from reward.pickscore import PickScore, image_embeddings, text_embeddings
 from reward.runtime import (
+    EpochBatches,
     EpochSampler,
     RunConfig,
     append_log,
@@ -251,6 +252,8 @@ def train(config: RewardConfig) -> Path:
     if not config.from_scratch:
         require(config.model, "clip", "model")
     require(config.dataset, "dataset", "dataset", config.dataset_build)
+    for split in ("validation_unique", "test_unique"):  # read after training: missing, say now
+        load_pickapic(config.dataset, split)
     started = time.time()
     accelerator = make_accelerator(config, micro_batch_size=config.batch_size, project="reward")
     out = Path(config.output_dir)
@@ -281,28 +284,20 @@ def train(config: RewardConfig) -> Path:
     optimizer = make_optimizer(
         config.optimizer, param_groups(model, config.weight_decay), config.learning_rate
     )
-    scheduler = warmup_schedule(optimizer, config.warmup_steps, config.max_steps)
+    # accelerate steps a prepared scheduler once per process at each optimizer step
+    world = accelerator.num_processes
+    scheduler = warmup_schedule(optimizer, config.warmup_steps * world, config.max_steps * world)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     state = maybe_resume(accelerator, config)
     step, best = state["step"], state.get("best_val", -math.inf)
-    steps_per_epoch = len(loader) // config.gradient_accumulation_steps
-    if steps_per_epoch == 0:
+    if len(loader) == 0:
         raise ValueError(
             f"{len(dataset)} usable pairs is less than one batch of {config.batch_size}"
         )
+    batches = EpochBatches(accelerator, loader, "pixels", state, config.gradient_accumulation_steps)
     bar = progress_bar(accelerator, config.max_steps, step, desc="reward")
-    skipped, bad_rows = 0, {}
-    while step < config.max_steps:
-        epoch, done_in_epoch = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(
-            loader, done_in_epoch * config.gradient_accumulation_steps
-        )
+    if step < config.max_steps:
         for batch in batches:
-            bad_rows.update(batch.pop("bad_rows"))
-            if "pixels" not in batch:  # every row of it was bad
-                skipped += 1
-                continue
             with accelerator.accumulate(model):
                 loss = batch_loss(model, batch, config.in_batch_negatives)
                 check_finite(loss, step + 1)
@@ -333,15 +328,17 @@ def train(config: RewardConfig) -> Path:
             if step % config.logging_steps == 0 or step == config.max_steps:
                 accelerator.log(logs, step=step)
             if config.checkpointing_steps and step % config.checkpointing_steps == 0:
-                save_checkpoint(accelerator, config, step, best_val=best)
+                save_checkpoint(accelerator, config, step, best_val=best, **batches.state())
             if step >= config.max_steps:
                 break
     bar.close()
+    bad_rows = batches.all_bad_rows()
     accelerator.wait_for_everyone()
     final = out / "final"
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(model).export()
-        if (out / "best" / "config.json").exists():  # keep the best validated weights
+        # the best weights this run validated (a best/ left by an earlier run is not this run's)
+        if best > -math.inf and (out / "best" / "config.json").exists():
             from transformers import CLIPModel
 
             model = CLIPModel.from_pretrained(out / "best")
@@ -354,7 +351,7 @@ def train(config: RewardConfig) -> Path:
             train_minutes=round(minutes, 2),
             steps=step,
             best_val_accuracy_no_ties=best,
-            skipped_batches=skipped,
+            skipped_batches=batches.skipped,
             data=dataset.report.with_bad_rows(bad_rows).as_dict(),
             world_size=accelerator.num_processes,
             distributed_type=accelerator.distributed_type.value,

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import yaml
 
 from reward.train import RewardConfig, train
 from tests.conftest import REPO, launch
@@ -83,9 +84,16 @@ def test_two_process_runs(toy_pairs, tmp_path, config):
         "0",
         "--checkpointing_steps",
         "0",
+        "--warmup_steps",
+        "0",
         "--report_to",
         "none",
     )
     metrics = json.loads((tmp_path / "final" / "metrics.json").read_text())
     assert metrics["world_size"] == 2
+    # the rate decays linearly over the 3 optimizer steps, whatever the number of processes
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    rate = {row["step"]: row["train/lr"] for row in rows if "train/lr" in row}
+    lr = yaml.safe_load((REPO / "recipes/configs/reward/toy.yaml").read_text())["learning_rate"]
+    assert rate == pytest.approx({1: lr * 2 / 3, 2: lr / 3, 3: 0.0})
     assert metrics["distributed_type"] == ("DEEPSPEED" if "zero2" in config else "MULTI_CPU")

@@ -163,3 +163,62 @@ def test_nan_loss_stops_before_the_optimizer_step(tmp_path):
     config = ToyConfig(output_dir=str(tmp_path), max_steps=3, learning_rate=float("inf"))
     with pytest.raises(FloatingPointError, match="at step 2"):
         train_toy(config)
+
+
+def rows_loader(accelerator, bad: set[int], size: int = 10, batch_size: int = 2):
+    """A prepared loader of row indices in EpochSampler order; rows in ``bad`` come back as
+    bad rows, as the pair datasets' collate hands them on."""
+    from reward.runtime import EpochSampler
+
+    def collate(rows):
+        good = [r for r in rows if r not in bad]
+        batch = {"bad_rows": {r: "corrupt image" for r in rows if r in bad}}
+        return batch | ({"rows": torch.tensor(good)} if good else {})
+
+    loader = torch.utils.data.DataLoader(
+        list(range(size)), batch_size, sampler=EpochSampler(size, seed=3), collate_fn=collate
+    )
+    return accelerator.prepare(loader)
+
+
+def test_epoch_batches_reshuffle_each_epoch_and_resume_at_the_batch():
+    from accelerate import Accelerator
+
+    from reward.runtime import EpochBatches
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    loader = rows_loader(accelerator, bad=set())
+    batches = EpochBatches(accelerator, loader, "rows", {"step": 0}, accumulation=2)
+    seen, steps, saved = [], 0, None
+    for batch in batches:  # 5 batches an epoch: two windows of 2, then a short one of 1
+        with accelerator.accumulate(torch.nn.Linear(1, 1)):
+            seen.append(batch["rows"].tolist())
+        steps += accelerator.sync_gradients
+        if steps == 4 and accelerator.sync_gradients and saved is None:
+            saved, at = batches.state(), len(seen)
+        if len(seen) == 15:
+            break
+    epochs = [sum(seen[i : i + 5], []) for i in (0, 5, 10)]
+    assert all(sorted(rows) == list(range(10)) for rows in epochs)  # each row once an epoch
+    assert epochs[0] != epochs[1] != epochs[2]  # a new order each epoch
+    assert saved == {"epoch": 1, "batch": 2, "bad_rows": {}, "skipped_batches": 0}
+    resumed = EpochBatches(accelerator, loader, "rows", json.loads(json.dumps(saved)), 2)
+    rest = [batch["rows"].tolist() for _, batch in zip(range(15 - at), resumed)]
+    assert rest == seen[at:]
+
+
+def test_epoch_batches_skip_a_bad_batch_and_stop_on_an_epoch_of_bad_rows():
+    from accelerate import Accelerator
+
+    from reward.runtime import EpochBatches
+
+    accelerator = Accelerator(cpu=True)
+    # rows 3 and 6 make the first batch of epoch 0 (EpochSampler(10, seed=3)'s order)
+    batches = EpochBatches(accelerator, rows_loader(accelerator, bad={3, 6}), "rows", {})
+    first_epoch = [batch["rows"].tolist() for _, batch in zip(range(4), batches)]
+    assert sorted(sum(first_epoch, [])) == [0, 1, 2, 4, 5, 7, 8, 9]
+    assert batches.skipped == 1
+    assert batches.all_bad_rows() == {3: "corrupt image", 6: "corrupt image"}
+    hopeless = EpochBatches(accelerator, rows_loader(accelerator, bad=set(range(10))), "rows", {})
+    with pytest.raises(ValueError, match="epoch 0 held no usable batch: 10 bad rows"):
+        next(iter(hopeless))
