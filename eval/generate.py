@@ -7,9 +7,11 @@ reward) samples n candidates for item k, candidate 0 from the item's own seed (t
 sample) and candidate c from ``seed + c * CANDIDATE_SEED_STRIDE``, and keeps the best.
 
 Process r of w takes items r, r + w, ... Each written image is recorded in
-``generation/rank<r>.jsonl`` (appended once the image is on disk); a rerun skips the items that
-have their image and a record of the same prompt and seed, whichever process wrote them. ``manifest.jsonl`` lists every
-image (model, index, prompt, seed, path, and the candidates of a ranked one).
+``generation/rank<r>.jsonl`` (appended once the image is on disk) with what it was made with
+(``generation_settings``: pipeline, LoRA, steps, guidance, size, ranking) and when; a rerun skips
+the items whose newest record, whichever process wrote it, has the same prompt, seed and settings
+and whose image is on disk. ``manifest.jsonl`` lists every image (model, index, prompt, seed,
+path, and the candidates of a ranked one).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import torch
 from reward.runtime import ConfigError, atomic_path, check_fields
 
 CANDIDATE_SEED_STRIDE = 1_000_003
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+LOG_ONLY = ("process", "seconds", "settings", "written")  # in the logs, not the manifest
 
 
 @dataclass
@@ -79,7 +83,8 @@ def image_path(name: str, index: int) -> str:
 
 
 def read_records(out: Path) -> dict[tuple[str, int], dict]:
-    """Every generation record of every process, the latest per (model, index)."""
+    """Every generation record of every process, the newest per (model, index): the one that
+    describes the image on disk (logs of earlier runs with other process counts included)."""
     records = {}
     for log in sorted((out / "generation").glob("rank*.jsonl")):
         for line in log.read_text().splitlines():
@@ -88,8 +93,22 @@ def read_records(out: Path) -> dict[tuple[str, int], dict]:
                     record = json.loads(line)
                 except json.JSONDecodeError:  # a line cut by a crash: its image is redone
                     continue
-                records[(record["model"], record["index"])] = record
+                key = (record["model"], record["index"])
+                if key not in records or record.get("written", 0) >= records[key].get("written", 0):
+                    records[key] = record
     return records
+
+
+def generation_settings(spec: ModelSpec, steps: int, guidance: float, size: int | None) -> dict:
+    """What an image of ``spec`` depends on besides its prompt and seed: an image made with
+    other settings (another pipeline, LoRA or retrained LoRA, steps, guidance, size, ranking)
+    is made again."""
+    settings = {"model": spec.model, "lora": spec.lora, "lora_scale": spec.lora_scale}
+    if spec.lora and (Path(spec.lora) / LORA_WEIGHTS).exists():
+        settings["lora_modified"] = (Path(spec.lora) / LORA_WEIGHTS).stat().st_mtime_ns
+    if spec.rank_by:
+        settings |= {"rank_by": spec.rank_by, "rank_n": spec.rank_n}
+    return settings | {"steps": steps, "guidance": guidance, "size": size}
 
 
 def _append(log: Path, record: dict) -> None:
@@ -100,11 +119,13 @@ def _append(log: Path, record: dict) -> None:
         os.fsync(handle.fileno())
 
 
-def _finished(record: dict | None, item: Item, out: Path) -> bool:
-    """Whether ``record`` is this item's (same prompt and seed) and its image is on disk."""
+def _finished(record: dict | None, item: Item, out: Path, settings: dict | None = None) -> bool:
+    """Whether ``record`` is this item's (same prompt and seed, and ``settings`` when given) and
+    its image is on disk."""
     return (
         record is not None
         and (record["prompt"], record["seed"]) == (item.prompt, item.seed)
+        and (settings is None or record.get("settings") == settings)
         and (out / record["path"]).exists()
     )
 
@@ -168,8 +189,13 @@ def generate_model(
     steps = spec.steps or steps
     guidance = spec.guidance_scale if spec.guidance_scale is not None else guidance
     done = read_records(out)
+    settings = json.loads(json.dumps(generation_settings(spec, steps, guidance, size)))
     mine = items[state.process_index :: state.num_processes]
-    todo = [item for item in mine if not _finished(done.get((spec.name, item.index)), item, out)]
+    todo = [
+        item
+        for item in mine
+        if not _finished(done.get((spec.name, item.index)), item, out, settings)
+    ]
     figures = {"written": 0, "skipped": len(mine) - len(todo)}
     if todo:
         pipe = load_pipeline(spec, state.device)
@@ -195,7 +221,8 @@ def generate_model(
                 path = image_path(spec.name, item.index)
                 with atomic_path(out / path) as tmp:
                     image.save(tmp, format="PNG")
-                record = {"model": spec.name, **asdict(item), "path": path}
+                record = {"model": spec.name, **asdict(item), "path": path, "settings": settings}
+                record["written"] = time.time()
                 record["seconds"] = round((time.perf_counter() - batch_started) / len(batch), 4)
                 if candidates is not None:
                     record |= {"ranked_by": spec.rank_by, "candidates": candidates}
@@ -219,7 +246,7 @@ def write_manifest(out: Path, models: list[ModelSpec], items: list[Item]) -> lis
                 raise RuntimeError(
                     f"{spec.name}: item {item.index} has no image; rerun to finish generation"
                 )
-            rows.append({k: v for k, v in record.items() if k not in ("process", "seconds")})
+            rows.append({k: v for k, v in record.items() if k not in LOG_ONLY})
     text = "".join(json.dumps(row) + "\n" for row in rows)
     with atomic_path(out / "manifest.jsonl") as tmp:
         tmp.write_text(text)

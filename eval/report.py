@@ -2,12 +2,14 @@
 relative links into ``images/``), readable offline.
 
 Every figure in the page is a ``<span class="fig" data-key="...">`` whose key is its path in
-``results.json`` (e.g. ``means.base.pickscore.mean``), so a reader or a test can trace it back.
+``results.json`` as a JSON list (e.g. ``["means", "sd1.5", "pickscore", "mean"]``: names may hold
+dots), so a reader or a test can trace it back.
 """
 
 from __future__ import annotations
 
 import html
+import json
 from pathlib import Path
 
 import numpy as np
@@ -39,35 +41,32 @@ def _esc(value) -> str:
     return html.escape(str(value), quote=True)
 
 
-def fig(results: dict, key: str, digits: int = 3) -> str:
-    """The figure at ``key`` (dotted path into ``results``) as a traceable span."""
+def fig(results: dict, key: tuple, digits: int = 3) -> str:
+    """The figure at ``key`` (its path into ``results``: names, list indices) as a traceable
+    span."""
     value = results
-    for part in key.split("."):
-        value = value[int(part)] if isinstance(value, (list, tuple)) else value[part]
+    for part in key:
+        value = value[part]
     text = str(value) if isinstance(value, int) else f"{value:.{digits}f}"
-    return f'<span class="fig" data-key="{_esc(key)}">{text}</span>'
+    return f'<span class="fig" data-key="{_esc(json.dumps(list(key)))}">{text}</span>'
 
 
-def _mean_cell(results: dict, key: str) -> str:
-    return (
-        f"{fig(results, key + '.mean')} "
-        f'<span class="ci">[{fig(results, key + ".low")}, {fig(results, key + ".high")}]</span>'
-    )
+def _mean_cell(results: dict, key: tuple) -> str:
+    low, high = fig(results, (*key, "low")), fig(results, (*key, "high"))
+    return f'{fig(results, (*key, "mean"))} <span class="ci">[{low}, {high}]</span>'
 
 
-def _rate_cell(results: dict, key: str, rate: dict) -> str:
+def _rate_cell(results: dict, key: tuple, rate: dict) -> str:
     verdict = "above" if rate["low"] > 0.5 else "below" if rate["high"] < 0.5 else ""
-    counts = (
-        f'<span class="ci">{fig(results, key + ".wins")}/{fig(results, key + ".ties")}/'
-        f"{fig(results, key + '.losses')}</span>"
-    )
+    wins, ties, losses = (fig(results, (*key, n)) for n in ("wins", "ties", "losses"))
+    low, high = fig(results, (*key, "low")), fig(results, (*key, "high"))
     return (
-        f'<td class="{verdict}">{fig(results, key + ".estimate")} <span class="ci">'
-        f"[{fig(results, key + '.low')}, {fig(results, key + '.high')}]</span><br>{counts}</td>"
+        f'<td class="{verdict}">{fig(results, (*key, "estimate"))} <span class="ci">'
+        f'[{low}, {high}]</span><br><span class="ci">{wins}/{ties}/{losses}</span></td>'
     )
 
 
-def _rate_matrix(results: dict, prefix: str, rates: dict, models: list[str]) -> str:
+def _rate_matrix(results: dict, prefix: tuple, rates: dict, models: list[str]) -> str:
     judged = [m for m in models if m in rates]
     rows = [
         "<tr><th class='name'>A \\ B</th>"
@@ -78,9 +77,7 @@ def _rate_matrix(results: dict, prefix: str, rates: dict, models: list[str]) -> 
         cells = []
         for b in judged:
             rate = rates[a].get(b)
-            cells.append(
-                _rate_cell(results, f"{prefix}.{a}.{b}", rate) if rate else "<td>&mdash;</td>"
-            )
+            cells.append(_rate_cell(results, (*prefix, a, b), rate) if rate else "<td>&mdash;</td>")
         rows.append(f"<tr><th class='name'>{_esc(a)}</th>{''.join(cells)}</tr>")
     return "<table>" + "".join(rows) + "</table>"
 
@@ -206,7 +203,7 @@ def _grid(results: dict, models: list[str], scorers: list[str], count: int) -> s
             for s in scorers:
                 mark = " class='best'" if row["scores"][s] == best[s] and len(models) > 1 else ""
                 lines.append(
-                    f"<span{mark}>{_esc(s)} {fig(results, f'images.{k}.scores.{s}')}</span>"
+                    f"<span{mark}>{_esc(s)} {fig(results, ('images', k, 'scores', s))}</span>"
                 )
             cells.append(
                 f"<td><img src='{_esc(row['path'])}' alt='{_esc(model)}: {_esc(row['prompt'])}' "
@@ -226,7 +223,7 @@ def render(results: dict) -> str:
     body.append("<h2>Mean scores <span class='ci'>[bootstrap 95% interval]</span></h2>")
     rows = ["<tr><th class='name'>model</th>" + "".join(f"<th>{_esc(s)}</th>" for s in scorers)]
     for m in models:
-        cells = "".join(f"<td>{_mean_cell(results, f'means.{m}.{s}')}</td>" for s in scorers)
+        cells = "".join(f"<td>{_mean_cell(results, ('means', m, s))}</td>" for s in scorers)
         rows.append(f"<tr><th class='name'>{_esc(m)}</th>{cells}")
     body.append("<table>" + "</tr>".join(rows) + "</tr></table>")
 
@@ -238,23 +235,23 @@ def render(results: dict) -> str:
         )
         for s in scorers:
             body.append(f"<h3>by {_esc(s)}</h3>")
-            body.append(_rate_matrix(results, f"win_rates.{s}", results["win_rates"][s], models))
+            body.append(_rate_matrix(results, ("win_rates", s), results["win_rates"][s], models))
 
     if results.get("human"):
         human = results["human"]
         body.append(
-            f"<h2>Human win rates</h2><p>{fig(results, 'human.judgments')} judgments.</p>"
-            + _rate_matrix(results, "human.win_rates", human["win_rates"], models)
+            f"<h2>Human win rates</h2><p>{fig(results, ('human', 'judgments'))} judgments.</p>"
+            + _rate_matrix(results, ("human", "win_rates"), human["win_rates"], models)
         )
     if results.get("reward_accuracy"):
         acc = results["reward_accuracy"]
         body.append(
             f"<h2>Reward accuracy</h2><p><code>{_esc(acc['model'])}</code> on "
-            f"<code>{_esc(acc['data'])}</code> test_unique ({fig(results, 'reward_accuracy.test_pairs')}"
-            f" pairs, tie threshold {fig(results, 'reward_accuracy.tie_threshold', 2)} chosen on "
-            f"validation_unique): accuracy {fig(results, 'reward_accuracy.accuracy')} "
-            f"<span class='ci'>[{fig(results, 'reward_accuracy.accuracy_ci95.0')}, "
-            f"{fig(results, 'reward_accuracy.accuracy_ci95.1')}]</span>.</p>"
+            f"<code>{_esc(acc['data'])}</code> test_unique ({fig(results, ('reward_accuracy', 'test_pairs'))}"
+            f" pairs, tie threshold {fig(results, ('reward_accuracy', 'tie_threshold'), 2)} chosen on "
+            f"validation_unique): accuracy {fig(results, ('reward_accuracy', 'accuracy'))} "
+            f"<span class='ci'>[{fig(results, ('reward_accuracy', 'accuracy_ci95', 0))}, "
+            f"{fig(results, ('reward_accuracy', 'accuracy_ci95', 1))}]</span>.</p>"
         )
 
     body.append("<h2>Score distributions</h2><div class='panels'>")
@@ -287,8 +284,8 @@ def render(results: dict) -> str:
         )
         body.append(_grid(results, models, scorers, count))
     body.append(
-        f"<p class='muted'>Scoring {fig(results, 'seconds.scoring', 1)} s; total "
-        f"{fig(results, 'seconds.total', 1)} s. Every figure on this page is in results.json."
+        f"<p class='muted'>Scoring {fig(results, ('seconds', 'scoring'), 1)} s; total "
+        f"{fig(results, ('seconds', 'total'), 1)} s. Every figure on this page is in results.json."
         "</p>"
     )
     return (

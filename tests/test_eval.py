@@ -39,7 +39,7 @@ def write_config(tmp_path, tiny_models, **overrides) -> Path:
             {"name": "again", "model": str(tiny_models["sd"])},
             {"name": "hotter", "model": str(tiny_models["sd"]), "guidance_scale": 9.0},
         ],
-        "scorers": {"bright": "tests.test_eval:brightness", "oracle": "toy-oracle"},
+        "scorers": {"bright.v2": "tests.test_eval:brightness", "oracle": "toy-oracle"},
         "grid_prompts": 4,
         **overrides,
     }
@@ -90,12 +90,12 @@ def test_the_plug_in_scorer_and_the_means(evaluated):
     for model in ("base", "again", "hotter"):
         rows = [r for r in results["images"] if r["model"] == model]
         expected = brightness(None, [Image.open(evaluated / r["path"]) for r in rows])
-        assert [r["scores"]["bright"] for r in rows] == pytest.approx(expected)
-        mean = results["means"][model]["bright"]
+        assert [r["scores"]["bright.v2"] for r in rows] == pytest.approx(expected)
+        mean = results["means"][model]["bright.v2"]
         assert mean["mean"] == pytest.approx(np.mean(expected))
         assert mean["low"] <= mean["mean"] <= mean["high"] and mean["n"] == 6
     # identical images: every item a tie
-    same = results["win_rates"]["bright"]["base"]["again"]
+    same = results["win_rates"]["bright.v2"]["base"]["again"]
     assert same["estimate"] == 0.5 and same["ties"] == 6
 
 
@@ -192,6 +192,16 @@ def test_a_resumed_generation_skips_finished_images_and_gives_the_same_manifest(
     for path, image in before.items():
         # the same seed again; only batch-size-dependent float rounding may differ
         assert np.abs(pixels(out, path) - image).max() <= 2
+    # an older log of another process count, for another prompt, read after the newer one
+    stale = {**records(out)[0], "prompt": "an older prompt", "written": 1.0}
+    (out / "generation" / "rank9.jsonl").write_text(json.dumps(stale) + "\n")
+    # a model whose settings changed is made again, and only that one
+    config.models[2].guidance_scale = 7.0
+    seen = records(out)
+    evaluate(config, progress=False)
+    again = [r for r in records(out) if r not in seen]
+    assert sorted((r["model"], r["index"]) for r in again) == [("hotter", k) for k in range(6)]
+    assert (out / "images/base/00000.png").stat().st_mtime_ns == stamp["images/base/00000.png"]
 
 
 @pytest.mark.integration
@@ -296,8 +306,8 @@ def test_clip_and_aesthetic_scores_by_hand(tiny_models, tmp_path):
 
 def lookup(results: dict, key: str):
     value = results
-    for part in key.split("."):
-        value = value[int(part)] if isinstance(value, list) else value[part]
+    for part in json.loads(key):  # the path as a JSON list
+        value = value[part]
     return value
 
 
@@ -326,7 +336,8 @@ def test_the_report_in_a_browser_shows_every_image_and_the_figures_of_results_js
     assert all(complete and width == 64 for _, complete, width in images), images
     assert {src for src, _, _ in images} == {r["path"] for r in results["images"] if r["index"] < 4}
     keys = [key for key, _ in figures]
-    assert "win_rates.bright.hotter.base.estimate" in keys and "means.base.oracle.high" in keys
+    assert '["win_rates", "bright.v2", "hotter", "base", "estimate"]' in keys
+    assert '["means", "base", "oracle", "high"]' in keys
     assert len(figures) > 100
     for key, text in figures:
         value = lookup(results, key)
