@@ -56,10 +56,20 @@ def image_embeddings(model, pixel_values) -> torch.Tensor:
 
 
 def to_pil(image: ImageLike) -> Image.Image:
-    """PIL, HWC uint8/float numpy, or CHW tensor in [0, 1] -> an RGB PIL image."""
+    """PIL, HWC numpy or CHW tensor (uint8 in [0, 255], or floats in [0, 1]) -> an RGB PIL
+    image."""
     if isinstance(image, Image.Image):
         return to_rgb(image)
-    array = image.detach().cpu().float().numpy() if isinstance(image, torch.Tensor) else image
+    if isinstance(image, torch.Tensor) and not image.is_floating_point():
+        if image.dtype != torch.uint8:
+            raise ValueError(
+                f"an image tensor of {image.dtype}: give uint8 in [0, 255] or floats in [0, 1]"
+            )
+        array = image.detach().cpu().numpy()
+    elif isinstance(image, torch.Tensor):
+        array = image.detach().cpu().float().numpy()
+    else:
+        array = image
     if isinstance(image, torch.Tensor) and array.ndim == 3 and array.shape[0] in (1, 3, 4):
         array = array.transpose(1, 2, 0)
     if array.dtype != np.uint8:
@@ -246,9 +256,10 @@ class PickScore:
             with torch.inference_mode(False), torch.no_grad(), self._autocast():
                 text = text_embeddings(self.model, **self._tokens(missing))
             self._text_cache.update(zip(missing, text))
-            while len(self._text_cache) > TEXT_CACHE_SIZE:
-                self._text_cache.pop(next(iter(self._text_cache)))
-        return torch.stack([self._text_cache[p] for p in prompts])
+        rows = torch.stack([self._text_cache[p] for p in prompts])
+        while len(self._text_cache) > TEXT_CACHE_SIZE:  # after use: a call may hold more
+            self._text_cache.pop(next(iter(self._text_cache)))
+        return rows
 
     @torch.inference_mode()
     def embed_images(

@@ -70,14 +70,19 @@ def test_each_prompt_is_encoded_once(scorer, monkeypatch):
     pixels = torch.rand(2, 3, 40, 48, requires_grad=True)
     scorer.differentiable(["a cat", "a dog"], pixels, value_range=(0.0, 1.0)).sum().backward()
     assert encoded == [2, 1] and pixels.grad.abs().sum() > 0
+    monkeypatch.setattr("reward.pickscore.TEXT_CACHE_SIZE", 2)  # one call of more prompts
+    assert scorer.score(["p1", "p2", "p3"], images(3)).shape == (3,)
 
 
 def test_pil_numpy_and_tensor_inputs_agree_and_modes_are_converted(scorer):
     pil = images(1)[0]
     array = np.array(pil)
     tensor = torch.from_numpy(array).permute(2, 0, 1).float() / 255
-    scores = scorer.score("x", [pil, array, tensor])
-    assert torch.allclose(scores, scores[0].expand(3), atol=1e-4)
+    as_read = torch.from_numpy(array).permute(2, 0, 1)  # uint8 in [0, 255], as read from a file
+    scores = scorer.score("x", [pil, array, tensor, as_read])
+    assert torch.allclose(scores, scores[0].expand(4), atol=1e-4)
+    with pytest.raises(ValueError, match="give uint8 in"):
+        scorer.score("x", [as_read.long()])
     odd = [pil.convert("RGBA"), pil.convert("L"), pil.convert("P"), pil.convert("CMYK")]
     assert torch.isfinite(scorer.score("x", odd)).all()
 
