@@ -151,7 +151,13 @@ def setup_unet(config: UNetTuneConfig, family: str, accelerator):
         trainable = lora_parameters(unet)
     else:
         reference_unet = copy.deepcopy(unet).requires_grad_(False).eval()
-        reference_unet.to("cpu" if config.reference_offload else accelerator.device, weight_dtype)
+        reference_unet.to("cpu" if config.reference_offload else accelerator.device)
+        for module in reference_unet.modules():
+            # Autocast runs normalisations in fp32, the policy's with its fp32 weights: the
+            # reference's keep theirs (a few KB), so the two agree exactly at step 0.
+            if not isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+                for parameter in module.parameters(recurse=False):
+                    parameter.data = parameter.data.to(weight_dtype)
         trainable = list(unet.parameters())
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

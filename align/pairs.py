@@ -33,7 +33,7 @@ from reward.data import (
     split_bad,
     usable_rows,
 )
-from reward.runtime import atomic_path
+from reward.runtime import atomic_path, atomic_write_text
 
 
 @dataclass
@@ -192,7 +192,7 @@ def build_cache(
                 "use another cache folder or delete this one"
             )
     else:
-        plan_path.write_text(json.dumps(header, indent=2))
+        atomic_write_text(plan_path, json.dumps(header, indent=2))
     shards = range(0, len(dataset), shard_size)
     prompts: dict[str, int] = {}
     kept_per_shard, all_bad = [], {}  # bad rows skipped: {row: reason}
@@ -251,7 +251,7 @@ def build_cache(
         "prompts": len(prompts),
         "bad_rows": {str(row): reason for row, reason in sorted(all_bad.items())},
     }
-    index_path.write_text(json.dumps(index, indent=2))
+    atomic_write_text(index_path, json.dumps(index, indent=2))
     return folder
 
 
@@ -420,6 +420,8 @@ def make_pair_dataset(config, parts, accelerator, held_out: str | None = None, l
             "random_flip": flip,
             "keep_ties": config.keep_ties,
             "max_pairs": limit,
+            "skip_bad_rows": config.skip_bad_rows,
+            "seed": config.seed if crop or flip else None,  # draws the crops and flips
         }
         build_cache(
             parts,

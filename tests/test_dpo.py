@@ -599,3 +599,37 @@ def test_max_pairs_reads_only_the_rows_that_hold_them(tmp_path, monkeypatch):
         whole[i]["prompt"] for i in range(10)
     ]  # the same first ten usable pairs (ties skipped) as from the whole split
     assert 10 < len(set(pulled)) < 60  # read by streaming, not the whole split
+
+
+def test_full_mode_reference_equals_the_policy_at_step_zero_in_bf16(tiny_models, tmp_path):
+    import shutil
+
+    from accelerate import Accelerator
+    from diffusers import UNet2DConditionModel
+
+    from align.finetune import make_reference, setup_unet
+    from align.models import Conditioning
+
+    folder = tmp_path / "sdxl"
+    shutil.copytree(tiny_models["sdxl"], folder)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    torch.manual_seed(3)
+    for module in unet.modules():  # norms like a trained model's, not the fresh 1 and 0
+        if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+            module.weight.data = 1 + 0.1 * torch.randn_like(module.weight)
+            module.bias.data = 0.1 * torch.randn_like(module.bias)
+    unet.save_pretrained(folder / "unet")
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    config = DPOConfig(model=str(folder), mode="full", output_dir=str(tmp_path / "out"))
+    parts, unet, trainable, reference_unet, _ = setup_unet(config, "sdxl", accelerator)
+    unet = accelerator.prepare(unet)
+    reference = make_reference(accelerator, unet, reference_unet)
+    latents = torch.randn(4, 2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    cond = Conditioning(torch.randn(4, 77, 64), torch.randn(4, 32))
+    time_ids = torch.tensor([32.0, 32, 0, 0, 32, 32]).expand(4, 2, 6)
+    figures = pair_step(
+        unet, reference, parts.noise_scheduler, latents, cond, time_ids, beta=5000.0,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    assert figures["winner_drift"] == 0
+    torch.testing.assert_close(figures["loss"].detach(), torch.tensor(math.log(2)))
