@@ -26,7 +26,6 @@ from align.online import (
     OnlineConfig,
     end_round,
     finish_run,
-    mean_figures,
     own_slice,
     rollout,
     round_prompts,
@@ -37,6 +36,7 @@ from align.sampler import recompute_step
 from reward.runtime import (
     ConfigError,
     check_finite,
+    mean_figures,
     progress_bar,
 )
 

@@ -50,6 +50,7 @@ from reward.runtime import (
     atomic_write_json,
     check_finite,
     make_accelerator,
+    mean_figures,
     progress_bar,
     save_checkpoint,
     seed_everything,
@@ -106,9 +107,11 @@ def pair_step(
     ref_w, ref_l = per_sample_mse(reference_prediction, target).chunk(2)
     # Loss.
     keep = torch.ones(b, dtype=torch.bool, device=device) if anchor is None else ~anchor.to(device)
-    figures = {}
+    figures = {}  # a figure over no pair (none anchored, or all) is nan: left out of the logs
     if keep.all():
         terms = diffusion_dpo_loss(mse_w, mse_l, ref_w, ref_l, beta, labels)
+        if anchor is not None:
+            figures["anchor_mse"] = torch.tensor(float("nan"), device=device)
     else:
         kept_labels = None if labels is None else labels.to(device)[keep]
         terms = diffusion_dpo_loss(
@@ -256,6 +259,7 @@ def train(config: DPOConfig, family: str) -> Path:
     noise_scheduler = parts.noise_scheduler
     bar = progress_bar(accelerator, config.max_steps, step, desc=f"dpo {family}")
     logs, micro, validation = {}, 0, None
+    sums, counts = {}, {}  # figures over the micro-batches of the optimizer step
     if step < config.max_steps:
         for batch in batches:
             latents, cond, time_ids = batch_inputs(batch, parts, cached, accelerator.device)
@@ -282,6 +286,11 @@ def train(config: DPOConfig, family: str) -> Path:
                 )
                 loss = figures["loss"]
                 check_finite(loss, step + 1)
+                for name, value in figures.items():
+                    value = value.detach().float()
+                    known = bool(torch.isfinite(value))
+                    sums[name] = sums.get(name, 0.0) + (float(value) if known else 0.0)
+                    counts[name] = counts.get(name, 0) + known
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
@@ -295,10 +304,8 @@ def train(config: DPOConfig, family: str) -> Path:
                 ema.step(trainable)
             step += 1
             bar.update(1)
-            logs = {
-                f"train/{k}": accelerator.reduce(v.detach().float(), "mean").item()
-                for k, v in figures.items()
-            }
+            logs = mean_figures(accelerator, sums, counts)
+            sums, counts = {}, {}
             logs["train/lr"] = scheduler.get_last_lr()[0]
             accuracy = logs.get("train/implicit_accuracy", float("nan"))
             bar.set_postfix(loss=f"{logs['train/loss']:.4f}", acc=f"{accuracy:.2f}")

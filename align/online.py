@@ -310,14 +310,6 @@ def start_run(config: OnlineConfig, family: str, method: str, accumulation=None)
     return run
 
 
-def mean_figures(accelerator, sums: dict[str, float], count: int) -> dict[str, float]:
-    """Per-micro-step sums of figures -> their means over every process, as ``train/<name>``."""
-    names = sorted(sums)
-    values = torch.tensor([sums[k] / max(count, 1) for k in names], device=accelerator.device)
-    values = accelerator.reduce(values, "mean").cpu().tolist()
-    return {f"train/{name}": value for name, value in zip(names, values)}
-
-
 def end_round(run: OnlineRun, round_: int, logs: dict, **state) -> None:
     """After round ``round_``: log, monitor when due, checkpoint when due (with ``state``, the
     method's own resumable state, and the monitor's history)."""

@@ -36,13 +36,12 @@ from align.online import (
     OnlineConfig,
     end_round,
     finish_run,
-    mean_figures,
     rollout,
     round_prompts,
     score_and_gather,
     start_run,
 )
-from reward.runtime import ConfigError, check_finite, progress_bar
+from reward.runtime import ConfigError, check_finite, mean_figures, progress_bar
 from reward.sources import require
 
 

@@ -372,6 +372,18 @@ def append_log(accelerator, output_dir: str | Path, step: int, figures: dict[str
             log.write(json.dumps({"step": step, **figures}) + "\n")
 
 
+def mean_figures(accelerator, sums: dict[str, float], count) -> dict[str, float]:
+    """Sums of figures over micro-steps -> their means over every process, as ``train/<name>``.
+    ``count``: the micro-steps, or per figure how many values it summed (a figure with none
+    anywhere is left out). Every process must hold the same names."""
+    names = sorted(sums)
+    counts = [count[k] if isinstance(count, dict) else count for k in names]
+    totals = torch.tensor([float(sums[k]) for k in names] + counts, device=accelerator.device)
+    totals = accelerator.reduce(totals, "sum").cpu().tolist()
+    summed, seen = totals[: len(names)], totals[len(names) :]
+    return {f"train/{k}": s / n for k, s, n in zip(names, summed, seen) if n > 0}
+
+
 def check_finite(loss: torch.Tensor, step: int) -> None:
     """Stop before the optimizer step when the loss is NaN or infinite, naming the step."""
     if not torch.isfinite(loss).all():

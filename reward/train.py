@@ -44,6 +44,7 @@ from reward.runtime import (
     make_accelerator,
     make_optimizer,
     maybe_resume,
+    mean_figures,
     progress_bar,
     save_checkpoint,
     seed_everything,
@@ -296,11 +297,13 @@ def train(config: RewardConfig) -> Path:
         )
     batches = EpochBatches(accelerator, loader, "pixels", state, config.gradient_accumulation_steps)
     bar = progress_bar(accelerator, config.max_steps, step, desc="reward")
+    window, micro = 0.0, 0
     if step < config.max_steps:
         for batch in batches:
             with accelerator.accumulate(model):
                 loss = batch_loss(model, batch, config.in_batch_negatives)
                 check_finite(loss, step + 1)
+                window, micro = window + float(loss.detach()), micro + 1
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -311,7 +314,8 @@ def train(config: RewardConfig) -> Path:
                 continue
             step += 1
             bar.update(1)
-            loss_value = accelerator.reduce(loss.detach(), "mean").item()
+            loss_value = mean_figures(accelerator, {"loss": window}, micro)["train/loss"]
+            window, micro = 0.0, 0  # the loss over the step's micro-batches
             bar.set_postfix(loss=f"{loss_value:.4f}")
             logs = {"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0]}
             if config.eval_steps and step % config.eval_steps == 0:
