@@ -32,7 +32,9 @@ def make_ema(accelerator, decay: float, trainable):
         )
     from diffusers.training_utils import EMAModel
 
-    ema = EMAModel(trainable, decay=decay, foreach=True)
+    # The average in fp32 whatever the weights' dtype: under DeepSpeed's bf16 the module holds
+    # bf16 copies of the weights, and steps of (1 - decay) x a change would round away.
+    ema = EMAModel([p.detach().float() for p in trainable], decay=decay, foreach=True)
     accelerator.register_for_checkpointing(ema)
     return ema
 

@@ -633,3 +633,20 @@ def test_full_mode_reference_equals_the_policy_at_step_zero_in_bf16(tiny_models,
     )  # fmt: skip
     assert figures["winner_drift"] == 0
     torch.testing.assert_close(figures["loss"].detach(), torch.tensor(math.log(2)))
+
+
+def test_the_moving_average_of_half_precision_weights_is_kept_in_fp32():
+    from accelerate import Accelerator
+
+    from align.release import make_ema
+
+    # DeepSpeed's bf16 holds the module's weights in bf16: an average kept in bf16 stalls
+    weights = [torch.nn.Parameter(torch.full((4,), 0.1, dtype=torch.bfloat16))]
+    ema = make_ema(Accelerator(cpu=True), 0.999, weights)
+    ema.optimization_step = 10**6  # past the decay's warmup
+    with torch.no_grad():
+        weights[0].fill_(0.2)
+    for _ in range(1000):
+        ema.step(weights)
+    expected = 0.2001953125 - (0.2001953125 - 0.1) * 0.999**1000  # 0.2 and 0.1 in bf16
+    assert ema.shadow_params[0][0].item() == pytest.approx(expected, abs=1e-3)
