@@ -81,6 +81,7 @@ def human_win_rates(judgments, manifest: list[dict]) -> dict:
             f"{', '.join(JUDGMENT_COLUMNS)} (label_0: 1 image_0 preferred, 0 image_1, 0.5 tie)"
         )
     model_of = {row["path"]: row["model"] for row in manifest}
+    prompt_of = {row["path"]: row["prompt"] for row in manifest}
     by_pair: dict[tuple[str, str], list[tuple[float, str]]] = {}
     for row in judgments.itertuples(index=False):
         label = float(row.label_0)
@@ -92,6 +93,13 @@ def human_win_rates(judgments, manifest: list[dict]) -> dict:
             raise ValueError(
                 f"human judgments: image {error.args[0]!r} is not in this evaluation's manifest"
             ) from None
+        for path in (row.image_0, row.image_1):
+            if prompt_of[path] != row.prompt:
+                raise ValueError(
+                    f"human judgments: {path!r} was judged for {row.prompt!r}, but this "
+                    f"evaluation's image answers {prompt_of[path]!r} (judgments of another "
+                    "evaluation in the same folder?)"
+                )
         if a != b:
             by_pair.setdefault((a, b), []).append((label, row.prompt))
             by_pair.setdefault((b, a), []).append((1 - label, row.prompt))

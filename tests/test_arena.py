@@ -147,9 +147,10 @@ def test_generate_mode_replaces_the_rejected_image_until_the_prompt_changes(tiny
         "next"
     ]
     assert after_left["left"] == pair["left"] and after_left["right"] != pair["right"]
-    after_tie = client.post("/api/judge", json=judgment(after_left, "tie"), headers=headers).json()[
-        "next"
-    ]
+    tie = judgment(after_left, "tie")
+    after_tie = client.post("/api/judge", json=tie, headers=headers).json()["next"]
+    retried = client.post("/api/judge", json=tie, headers=headers).json()  # its answer was lost
+    assert retried["duplicate"] and retried["next"]["left"]["uid"] != after_left["left"]["uid"]
     assert {after_tie["left"]["uid"], after_tie["right"]["uid"]}.isdisjoint(
         {after_left["left"]["uid"], after_left["right"]["uid"]}
     )
@@ -282,3 +283,22 @@ def test_arena_configs_parse_and_refuse_what_cannot_work():
         ArenaConfig(mode="compare")
     with pytest.raises(ConfigError, match="mode: got 'vote'"):
         ArenaConfig(mode="vote")
+
+
+def test_a_regenerated_evaluation_is_not_shown_with_the_earlier_images(evaluation, tmp_path):
+    import shutil
+
+    client, _ = arena(tmp_path, mode="compare", evaluation=str(evaluation))
+    first = client.post("/api/pair", json={}, headers=session(client)).json()
+    # the same paths, made again for other prompts, with the same database
+    again = tmp_path / "again"
+    shutil.copytree(evaluation, again)
+    rows = [json.loads(x) for x in (again / "manifest.jsonl").read_text().splitlines()]
+    text = "".join(json.dumps({**r, "prompt": "new " + r["prompt"]}) + "\n" for r in rows)
+    (again / "manifest.jsonl").write_text(text)
+    client, _ = arena(tmp_path, mode="compare", evaluation=str(again))
+    pair = client.post("/api/pair", json={}, headers=session(client)).json()
+    assert pair["prompt"].startswith("new ")
+    assert {pair["left"]["uid"], pair["right"]["uid"]}.isdisjoint(
+        {first["left"]["uid"], first["right"]["uid"]}
+    )

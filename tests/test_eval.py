@@ -163,6 +163,10 @@ def test_human_win_rates_from_a_judgments_table():
     assert a_over_b["estimate"] == pytest.approx(3.5 / 4)
     assert (a_over_b["wins"], a_over_b["ties"], a_over_b["losses"]) == (3, 1, 0)
     assert human["win_rates"]["b"]["a"]["estimate"] == pytest.approx(0.5 / 4)
+    judgments.loc[1, "prompt"] = "p2"  # a judgment made for another image than this one
+    with pytest.raises(ValueError, match="was judged for 'p2'"):
+        human_win_rates(judgments, manifest)
+    judgments.loc[1, "prompt"] = "p1"
     judgments.loc[0, "image_0"] = "images/c/00000.png"
     with pytest.raises(ValueError, match="not in this evaluation's manifest"):
         human_win_rates(judgments, manifest)

@@ -59,7 +59,8 @@ class PairRequest(BaseModel):
 
 
 class JudgeRequest(BaseModel):
-    uid: str = Field(pattern=r"^[0-9a-f-]{32,36}$")
+    # 32 hex digits, bare or as a canonical UUID: one stored uid per client uid
+    uid: str = Field(pattern=r"^([0-9a-f]{32}|[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12})$")
     left: str
     right: str
     choice: str
@@ -253,7 +254,7 @@ def create_app(config: ArenaConfig, admin_token: str) -> FastAPI:
         )
         answer = {"id": judgment_id, "duplicate": not created}
         answer["count"] = count_judgments(engine, rater)
-        if config.mode == "generate" and created:
+        if config.mode == "generate":  # a retried request's answer carries a next pair too
             prompt = shown[0].prompt
             left = body.left if body.choice == "left" else source.draw(prompt)
             right = body.right if body.choice == "right" else source.draw(prompt)

@@ -76,7 +76,9 @@ class EvalPairs:
         from PIL import Image
 
         with self.lock:  # one stored copy per manifest image, however many raters ask at once
-            uid = image_for_source(self.engine, row["path"])
+            uid = image_for_source(
+                self.engine, row["path"], row["prompt"], row["model"], row["seed"]
+            )
             if uid is None:
                 image = Image.open(self.folder / row["path"]).convert("RGB")
                 uid = add_image(

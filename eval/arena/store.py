@@ -107,10 +107,17 @@ def add_image(engine, images_dir: Path, image, prompt: str, model: str, seed=Non
     return uid
 
 
-def image_for_source(engine, source: str) -> str | None:
-    """The uid of the image already stored for an eval manifest path, if any."""
+def image_for_source(engine, source: str, prompt: str, model: str, seed) -> str | None:
+    """The uid of the image already stored for an eval manifest path with this prompt, model
+    and seed, if any (a regenerated or other evaluation's image at the same path is another)."""
+    query = select(ImageRow.uid).where(
+        ImageRow.source == source,
+        ImageRow.prompt == prompt,
+        ImageRow.model == model,
+        ImageRow.seed == seed,
+    )
     with Session(engine) as session:
-        return session.scalar(select(ImageRow.uid).where(ImageRow.source == source).limit(1))
+        return session.scalar(query.limit(1))
 
 
 def record_judgment(engine, **fields) -> tuple[bool, int]:

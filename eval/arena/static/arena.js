@@ -66,6 +66,7 @@ async function judge(choice) {
     uid: newUid(), left: current.left.uid, right: current.right.uid, choice,
     latency_ms: Math.round(performance.now() - shownAt),
   };
+  let saved = false;
   try {
     let data = null;
     for (let attempt = 0; ; attempt++) {
@@ -77,18 +78,24 @@ async function judge(choice) {
         await new Promise((r) => setTimeout(r, 500 * (attempt + 1)));
       }
     }
+    saved = true;
     $("count").textContent = data.count;
     document.body.dataset.count = data.count;
     $("status").textContent = "";
     if (mode === "generate") {
       show(await preload(data.next));
     } else {
-      show(await upcoming);
+      const next = await upcoming.catch(() => fetchPair()); // a failed prefetch: once more
       upcoming = fetchPair();
+      upcoming.catch(() => {}); // a failure shows when this pair is needed
+      show(next);
     }
   } catch (error) {
-    $("status").textContent = error.message;
-    setEnabled(true);
+    // A saved choice is never offered again: the judged pair stays disabled.
+    $("status").textContent = saved
+      ? `${error.message} (your choice was saved; reload for another pair)`
+      : error.message;
+    if (!saved) setEnabled(true);
   } finally {
     busy = false;
   }
@@ -125,5 +132,6 @@ if (mode === "generate") {
   fetchPair().then((pair) => {
     show(pair);
     upcoming = fetchPair();
+    upcoming.catch(() => {});
   }).catch((error) => { $("status").textContent = error.message; });
 }
