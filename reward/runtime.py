@@ -413,9 +413,9 @@ class EpochSampler(torch.utils.data.Sampler):
 class EpochBatches:
     """A training loop's batches, epoch after epoch, and where the loop stands in them.
 
-    - Each pass sets the prepared loader's epoch first: accelerate re-seeds the sampler with the
-      loader's own epoch count at every pass, which a loop over ``skip_first_batches`` copies and
-      never advances (every epoch would replay the first one's order).
+    - Each pass sets the epoch of the prepared loader and of its ``skip_first_batches`` copy:
+      accelerate re-seeds the sampler with a loader's own epoch count at every pass, which the
+      copies never advance (every epoch would replay the first one's order).
     - The position is counted in batches (``state()``, saved in checkpoints), not derived from
       optimizer steps: an epoch that does not divide by the accumulation ends on a short step,
       and a skipped batch makes none.
@@ -439,8 +439,11 @@ class EpochBatches:
     def __iter__(self):
         while True:
             self.loader.set_epoch(self.epoch)
+            batches = self.accelerator.skip_first_batches(self.loader, self.position)
+            if hasattr(batches, "set_epoch"):  # a copy that some accelerate releases start at 0
+                batches.set_epoch(self.epoch)
             fresh, used = self.position == 0, 0
-            for batch in self.accelerator.skip_first_batches(self.loader, self.position):
+            for batch in batches:
                 self.position += 1
                 self.bad_rows.update(batch.pop("bad_rows"))
                 if not self._usable_everywhere(self.key in batch):
