@@ -71,6 +71,11 @@ class DiffusionParts:
         anchors and guided predictions train with (see ``unconditional``)."""
         return unconditional(self.encode_prompts([""]), self.zeros_for_empty)
 
+    @property
+    def vae_scale(self) -> int:
+        """Pixels per latent cell along a side: the VAE's downsampling (8 for SD's)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor):
         """(B, 3, H, W) in [-1, 1] -> scaled latents (the posterior mean)."""

@@ -258,9 +258,7 @@ def train(config: RewardWeightedConfig, family: str) -> Path:
     noise_scheduler = parts.noise_scheduler
     regularizer = None
     if config.regularizer_dataset:
-        size = config.resolution or run.policy.config.sample_size * 2 ** (
-            len(parts.vae.config.block_out_channels) - 1
-        )
+        size = config.resolution or run.policy.config.sample_size * parts.vae_scale
         regularizer = Regularizer(
             config.regularizer_dataset, parts, size, config.seed, config.regularizer_rows
         )

@@ -202,7 +202,7 @@ def sample(
             "scheduler/scheduler_config.json, as SD and SDXL ship"
         )
     scheduler.set_timesteps(steps)
-    scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)  # the VAE's downsampling
+    scale = parts.vae_scale
     size = size or unet.config.sample_size * scale
     device, dtype = parts.unet.device, next(unet.parameters()).dtype
     cond, uncond = conditioning or (parts.encode_prompts(prompts), parts.unconditional())
