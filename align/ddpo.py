@@ -2,12 +2,12 @@
 group-relative advantages of Flow-GRPO / DanceGRPO as an option.
 
 Each round the policy samples images with stochastic DDIM (eta > 0), recording every step's
-log-probability (``align.sampler``); a reward scores them; rewards become advantages, normalised
+log-probability (``pickalign.align.sampler``); a reward scores them; rewards become advantages, normalised
 per prompt (``PromptStats``: a buffer of each prompt's recent rewards, kept in checkpoints) or
 within the ``group_size`` samples of a prompt drawn together (``group``). Then, for
 ``inner_epochs`` passes, each sample's steps (a random ``timestep_fraction`` of them) are
 recomputed under the policy with guidance and trained with PPO's clipped objective
-(``align.losses.ppo_clip_loss``), plus an optional KL penalty to the reference, the LoRA-disabled
+(``pickalign.align.losses.ppo_clip_loss``), plus an optional KL penalty to the reference, the LoRA-disabled
 UNet, on the Gaussian means of the steps (Flow-GRPO's form). LoRA by default; the output is a
 diffusers-format LoRA that ``pipe.load_lora_weights`` loads.
 """
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from align.advantages import PromptStats, group_advantages
-from align.lora import adapters_disabled
-from align.losses import ppo_clip_loss
-from align.online import (
+from pickalign.align.advantages import PromptStats, group_advantages
+from pickalign.align.lora import adapters_disabled
+from pickalign.align.losses import ppo_clip_loss
+from pickalign.align.online import (
     OnlineConfig,
     end_round,
     finish_run,
@@ -32,13 +32,9 @@ from align.online import (
     score_and_gather,
     start_run,
 )
-from align.sampler import recompute_step
-from reward.runtime import (
-    ConfigError,
-    check_finite,
-    mean_figures,
-    progress_bar,
-)
+from pickalign.align.sampler import recompute_step
+from pickalign.config import ConfigError
+from pickalign.runtime import check_finite, mean_figures, progress_bar
 
 
 @dataclass

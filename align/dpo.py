@@ -1,7 +1,7 @@
 """Diffusion-DPO (Wallace et al. 2023) for SD 1.x/2.x and SDXL UNets on Pick-a-Pic pairs.
 
 Winner and loser of a pair are noised with the same noise at the same timestep; the loss
-(``align.losses.diffusion_dpo_loss``) compares how much better the policy denoises the winner than
+(``pickalign.align.losses.diffusion_dpo_loss``) compares how much better the policy denoises the winner than
 the loser, relative to a frozen reference. Two modes:
 
 - ``lora`` (default): the reference is the same UNet with its adapters switched off, so no second
@@ -9,7 +9,7 @@ the loser, relative to a frozen reference. Two modes:
 - ``full``: the whole UNet trains against a frozen copy (optionally kept on the CPU between
   uses); the output is a diffusers UNet folder.
 
-With ``cache_dir`` the VAE latents and prompt embeddings are computed once (``align.pairs``) and a
+With ``cache_dir`` the VAE latents and prompt embeddings are computed once (``pickalign.align.pairs``) and a
 training step touches only the UNet. Runs through ``accelerate launch`` on one or many GPUs, with
 DDP or DeepSpeed (ZeRO-2 for LoRA, ZeRO-3 for full fine-tuning), and resumes with
 ``--resume_from_checkpoint latest``.
@@ -22,17 +22,17 @@ from pathlib import Path
 
 import torch
 
-from align.dpo_config import DPOConfig
-from align.finetune import (
+from pickalign.align.dpo_config import DPOConfig
+from pickalign.align.finetune import (
     accumulation_steps,
     make_optimizer_and_schedule,
     make_reference,
     resume,
     setup_unet,
 )
-from align.losses import diffusion_dpo_loss, per_sample_mse, prediction_target
-from align.models import FAMILIES, Conditioning, unet_forward
-from align.pairs import (
+from pickalign.align.losses import diffusion_dpo_loss, per_sample_mse, prediction_target
+from pickalign.align.models import FAMILIES, Conditioning, unet_forward
+from pickalign.align.pairs import (
     CachedPairs,
     batch_inputs,
     collate_pairs,
@@ -41,8 +41,9 @@ from align.pairs import (
 )
 
 __all__ = ["DPOConfig", "pair_step", "train", "validate"]
-from align.release import averaged_weights, make_ema, model_card, release_writer
-from reward.runtime import (
+from pickalign.align.release import averaged_weights, make_ema, model_card, release_writer
+from pickalign.reward.sources import require
+from pickalign.runtime import (
     EpochBatches,
     EpochSampler,
     append_log,
@@ -56,7 +57,6 @@ from reward.runtime import (
     seed_everything,
     write_config,
 )
-from reward.sources import require
 
 # ----------------------------------------------------------------------------------------------
 # One step: noise, predict, reference, loss

@@ -1,13 +1,13 @@
-"""The settings of Diffusion-DPO (``align.dpo``): the base model and training setup
-(``align.finetune.UNetTuneConfig``), the pairs (``align.pairs.PairDataConfig``), and the loss."""
+"""The settings of Diffusion-DPO (``pickalign.align.dpo``): the base model and training setup
+(``pickalign.align.finetune.UNetTuneConfig``), the pairs (``pickalign.align.pairs.PairDataConfig``), and the loss."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from align.finetune import UNetTuneConfig
-from align.pairs import PairDataConfig
-from reward.runtime import ConfigError
+from pickalign.align.finetune import UNetTuneConfig
+from pickalign.align.pairs import PairDataConfig
+from pickalign.config import ConfigError
 
 
 @dataclass

@@ -10,16 +10,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from align.lora import (
+from pickalign.align.lora import (
     DEFAULT_TARGETS,
     adapters_disabled,
     add_lora,
     lora_parameters,
     skip_lora_input_casts,
 )
-from align.models import load_parts, unet_forward
-from align.release import keep_only_lora
-from reward.runtime import RunConfig, make_optimizer, maybe_resume
+from pickalign.align.models import load_parts, unet_forward
+from pickalign.align.release import keep_only_lora
+from pickalign.config import RunConfig
+from pickalign.runtime import make_optimizer, maybe_resume
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from align.models import unet_family
+from pickalign.align.models import unet_family
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # Attention projections of every transformer block: the usual Diffusion-DPO / DreamBooth set.

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from align.text import encode_sd, encode_sdxl, sdxl_time_ids
+from pickalign.align.text import encode_sd, encode_sdxl, sdxl_time_ids
 
 FAMILIES = ("sd", "sdxl")
 
@@ -20,7 +20,7 @@ FAMILIES = ("sd", "sdxl")
 @dataclass
 class Conditioning:
     """What the UNet is conditioned on, per prompt: the context sequence, and for SDXL the pooled
-    embedding (time ids belong to the image, see ``align.pairs``)."""
+    embedding (time ids belong to the image, see ``pickalign.align.pairs``)."""
 
     context: torch.Tensor  # (B, 77, D)
     pooled: torch.Tensor | None = None  # (B, D2), SDXL only
@@ -181,7 +181,7 @@ def load_parts(
 
 def parts_from_pipeline(pipe) -> DiffusionParts:
     """The parts of a loaded diffusers SD or SDXL pipeline (with any LoRA it has loaded), for
-    ``align.sampler``; its own scheduler's config gives the noise schedule."""
+    ``pickalign.align.sampler``; its own scheduler's config gives the noise schedule."""
     from diffusers import DDPMScheduler
 
     family = unet_family(pipe.unet.config)

@@ -15,20 +15,22 @@ from pathlib import Path
 
 import torch
 
-from align.online import OnlineConfig, rollout
-from align.prompts import load_prompts
-from align.rewards import load_reward
-from reward.runtime import append_log, atomic_path
+from pickalign.align.prompts import load_prompts
+from pickalign.reward.registry import load_reward
+from pickalign.runtime import append_log, atomic_path
 
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
 
 
 class Monitor:
-    """Held-out figures of the policy over training (see the module docstring). ``reward`` is
-    the training reward, already loaded; ``history`` holds one dict per monitoring."""
+    """Held-out figures of the policy over training (see the module docstring). ``config`` is
+    the online run's (its ``monitor_*`` fields); ``reward`` is the training reward, already
+    loaded; ``sample(prompts, seeds)`` draws the policy's images as evaluation does; ``history``
+    holds one dict per monitoring."""
 
-    def __init__(self, config: OnlineConfig, reward, accelerator):
+    def __init__(self, config, reward, accelerator, sample):
         self.config, self.reward, self.accelerator = config, reward, accelerator
+        self.sample = sample
         self.prompts = load_prompts(config.monitor_prompts, config.monitor_count)
         self.others = {
             spec: load_reward(spec, accelerator.device) for spec in config.monitor_rewards
@@ -39,7 +41,7 @@ class Monitor:
         return round_ % self.config.monitor_every == 0 or round_ == self.config.max_steps
 
     @torch.no_grad()
-    def __call__(self, parts, unet, round_: int) -> dict:
+    def __call__(self, round_: int) -> dict:
         """Sample and score; every process takes its share of the prompts. Returns the figures."""
         accelerator = self.accelerator
         world, rank = accelerator.num_processes, accelerator.process_index
@@ -47,9 +49,7 @@ class Monitor:
         prompts = [self.prompts[i] for i in mine]
         figures = {}
         if prompts:
-            guidance = self.config.monitor_guidance
-            images = rollout(parts, unet, prompts, mine, self.config, accelerator, 0.0, guidance)
-            images = images.images
+            images = self.sample(prompts, mine)
             scores = {"reward": self.reward.score(prompts, images)}
             for spec, other in self.others.items():
                 scores[spec] = other.score(prompts, images)

@@ -1,9 +1,9 @@
-"""What the online methods (``align.ddpo``, ``align.reward_weighted``) share: their settings, the
+"""What the online methods (``pickalign.align.ddpo``, ``pickalign.align.reward_weighted``) share: their settings, the
 prompts and seeds of a round, sampling and scoring spread over processes with the rewards gathered,
 and the end of a run (release, metrics, model card).
 
 A round: every process draws ``samples_per_round`` prompts (``group_size`` samples of each),
-samples them with the policy (``align.sampler``), scores them with the reward, and the rewards of
+samples them with the policy (``pickalign.align.sampler``), scores them with the reward, and the rewards of
 all processes are gathered, so per-prompt statistics and weights are global.
 """
 
@@ -16,14 +16,16 @@ from pathlib import Path
 
 import torch
 
-from align.finetune import UNetTuneConfig, make_optimizer_and_schedule, resume, setup_unet
-from align.models import FAMILIES
-from align.prompts import load_prompts
-from align.release import model_card, release_writer
-from align.rewards import load_reward
-from align.sampler import Trajectory, sample
-from reward.runtime import (
-    ConfigError,
+from pickalign.align.finetune import UNetTuneConfig, make_optimizer_and_schedule, resume, setup_unet
+from pickalign.align.models import FAMILIES
+from pickalign.align.monitor import Monitor
+from pickalign.align.prompts import load_prompts
+from pickalign.align.release import model_card, release_writer
+from pickalign.align.sampler import Trajectory, sample
+from pickalign.config import ConfigError
+from pickalign.reward.registry import load_reward
+from pickalign.reward.sources import require
+from pickalign.runtime import (
     append_log,
     atomic_path,
     atomic_write_json,
@@ -32,7 +34,6 @@ from reward.runtime import (
     seed_everything,
     write_config,
 )
-from reward.sources import require
 
 
 @dataclass
@@ -236,7 +237,7 @@ class OnlineRun:
     family: str
     method: str
     accelerator: object
-    parts: object  # align.models.DiffusionParts
+    parts: object  # pickalign.align.models.DiffusionParts
     unet: object  # prepared (what the optimizer steps; forward it to train)
     policy: object  # the same UNet unwrapped (sample with it)
     trainable: list
@@ -257,8 +258,6 @@ def start_run(config: OnlineConfig, family: str, method: str, accumulation=None)
     """Check the inputs, make the accelerator, load the model, the reward and the prompts,
     prepare, resume, and monitor once before the first round of a fresh run. ``accumulation``:
     backward passes per optimizer step, if not ``gradient_accumulation_steps``."""
-    from align.monitor import Monitor  # it samples with rollout, from here
-
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
     require(config.model, "pipeline", "model")
@@ -285,7 +284,15 @@ def start_run(config: OnlineConfig, family: str, method: str, accumulation=None)
     )
     unet, optimizer, scheduler = accelerator.prepare(unet, optimizer, scheduler)
     state = resume(accelerator, config)
-    monitor = Monitor(config, reward, accelerator) if config.monitor_prompts else None
+    policy = accelerator.unwrap_model(unet)
+    monitor = None
+    if config.monitor_prompts:
+
+        def sample_as_evaluated(prompts: list[str], seeds: list[int]) -> torch.Tensor:
+            guidance = config.monitor_guidance
+            return rollout(parts, policy, prompts, seeds, config, accelerator, 0.0, guidance).images
+
+        monitor = Monitor(config, reward, accelerator, sample_as_evaluated)
     run = OnlineRun(
         config,
         family,
@@ -293,7 +300,7 @@ def start_run(config: OnlineConfig, family: str, method: str, accumulation=None)
         accelerator,
         parts,
         unet,
-        accelerator.unwrap_model(unet),
+        policy,
         trainable,
         optimizer,
         scheduler,
@@ -306,7 +313,7 @@ def start_run(config: OnlineConfig, family: str, method: str, accumulation=None)
     if monitor is not None:
         monitor.history = list(state.get("monitor", []))
         if state["step"] == 0:
-            monitor(parts, run.policy, 0)
+            monitor(0)
     return run
 
 
@@ -319,7 +326,7 @@ def end_round(run: OnlineRun, round_: int, logs: dict, **state) -> None:
     if round_ % config.logging_steps == 0 or round_ == config.max_steps:
         accelerator.log(logs, step=round_)
     if run.monitor is not None and run.monitor.due(round_):
-        run.monitor(run.parts, run.policy, round_)
+        run.monitor(round_)
     if config.checkpointing_steps and round_ % config.checkpointing_steps == 0:
         writer = release_writer(accelerator, run.unet, config.mode, {"base_model": config.model})
         history = run.monitor.history if run.monitor is not None else []

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from align.models import Conditioning
-from reward.data import (
+from pickalign.align.models import Conditioning
+from pickalign.reward.data import (
     BadRowError,
     DataReport,
     DatasetConfig,
@@ -33,7 +33,7 @@ from reward.data import (
     split_bad,
     usable_rows,
 )
-from reward.runtime import atomic_path, atomic_write_text
+from pickalign.runtime import atomic_path, atomic_write_text
 
 
 @dataclass

@@ -77,7 +77,7 @@ def _table_prompts(spec: str) -> list[str]:
 def load_prompts(spec: str, limit: int | None = None) -> list[str]:
     """The prompts ``spec`` names (see the module docstring), the first ``limit`` of them."""
     if spec == "toy" or spec.startswith("toy:"):
-        from reward.toyworld import prompt_splits
+        from pickalign.reward.toyworld import prompt_splits
 
         _, split = _split(spec, "train")
         splits = prompt_splits()
@@ -92,7 +92,7 @@ def load_prompts(spec: str, limit: int | None = None) -> list[str]:
     elif spec.endswith(TABLES) or spec.rpartition(":")[0].endswith(TABLES):
         prompts = _table_prompts(spec)
     else:
-        from reward.data import load_pickapic
+        from pickalign.reward.data import load_pickapic
 
         source, split = _split(spec, "train")
         rows = load_pickapic(source, split).select_columns(["caption"])

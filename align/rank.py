@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from align.models import DiffusionParts
-from align.sampler import sample
-from reward.runtime import atomic_write_json
+from pickalign.align.models import DiffusionParts
+from pickalign.align.sampler import sample
+from pickalign.runtime import atomic_write_json
 
 
 @dataclass
@@ -44,7 +44,7 @@ def best_of_n(
     """For each prompt: its n candidates (seed ``first_seed + j``; candidate j applies template
     ``j % len(templates)``, a string with ``{prompt}``), scored by ``reward`` against the prompt
     as written and ranked, with their images (PIL), best first. Candidates are sampled with
-    deterministic DDIM (eta 0) through ``align.sampler``."""
+    deterministic DDIM (eta 0) through ``pickalign.align.sampler``."""
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     templates = templates or ["{prompt}"]

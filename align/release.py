@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from align.lora import save_lora
+from pickalign.align.lora import save_lora
 
 
 def keep_only_lora(models, weights, output_dir) -> None:

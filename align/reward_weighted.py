@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from align.losses import per_sample_mse, prediction_target
-from align.models import unet_forward
-from align.online import (
+from pickalign.align.losses import per_sample_mse, prediction_target
+from pickalign.align.models import unet_forward
+from pickalign.align.online import (
     OnlineConfig,
     end_round,
     finish_run,
@@ -41,8 +41,9 @@ from align.online import (
     score_and_gather,
     start_run,
 )
-from reward.runtime import ConfigError, check_finite, mean_figures, progress_bar
-from reward.sources import require
+from pickalign.config import ConfigError
+from pickalign.reward.sources import require
+from pickalign.runtime import check_finite, mean_figures, progress_bar
 
 
 @dataclass
@@ -162,7 +163,7 @@ def toy_split(spec: str) -> str | None:
     source, _, split = spec.partition(":")
     if source != "toy":
         return None
-    from reward.toyworld import prompt_splits
+    from pickalign.reward.toyworld import prompt_splits
 
     if (split or "train") not in prompt_splits():
         raise ConfigError(
@@ -181,12 +182,12 @@ class Regularizer:
         self.pairs = self.attributes = None
         split = toy_split(spec)
         if split:
-            from reward.toyworld import prompt_splits
+            from pickalign.reward.toyworld import prompt_splits
 
             self.attributes = prompt_splits()[split]
             return
-        from align.pairs import PreferencePairs
-        from reward.data import first_rows
+        from pickalign.align.pairs import PreferencePairs
+        from pickalign.reward.data import first_rows
 
         source, _, split = spec.partition(":")
         self.pairs = PreferencePairs(
@@ -197,11 +198,11 @@ class Regularizer:
 
     def images(self, size: int, round_: int, micro: int, rank: int):
         """(pixels (size, 3, R, R) in [-1, 1], prompts, time ids (size, 6)) of one batch."""
-        from align.pairs import choose_crop, collate_pairs, prepare_image
+        from pickalign.align.pairs import choose_crop, collate_pairs, prepare_image
 
         rng = torch.Generator().manual_seed(hash((self.seed, round_, micro, rank)) % 2**63)
         if self.attributes is not None:
-            from reward.toyworld import render
+            from pickalign.reward.toyworld import render
 
             rows = torch.randint(0, len(self.attributes), (size,), generator=rng).tolist()
             shown = [self.attributes[i] for i in rows]

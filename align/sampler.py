@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from align.models import Conditioning, DiffusionParts, default_time_ids, unet_forward
+from pickalign.align.models import Conditioning, DiffusionParts, default_time_ids, unet_forward
 
 
 @dataclass
@@ -283,7 +283,7 @@ def generate(
     unconditional branch as one row)."""
     from tqdm.auto import tqdm
 
-    from align.models import parts_from_pipeline
+    from pickalign.align.models import parts_from_pipeline
 
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from reward.tokenizer import build_clip_tokenizer
+from pickalign.reward.tokenizer import build_clip_tokenizer
 
 
 def _text_encoder(width: int, projection: bool = False):

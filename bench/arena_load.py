@@ -40,7 +40,16 @@ def start_server(config: Path, port: int, log: Path) -> subprocess.Popen:
     import httpx
 
     process = subprocess.Popen(
-        [sys.executable, "-m", "eval.cli", "arena", "--config", str(config), "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "pickalign.cli",
+            "arena",
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+        ],
         cwd=REPO,
         stdout=open(log, "w"),
         stderr=subprocess.STDOUT,
@@ -146,7 +155,7 @@ def stored_uids(database: str) -> list[str]:
     from sqlalchemy import select
     from sqlalchemy.orm import Session
 
-    from eval.arena.store import JudgmentRow, open_engine
+    from pickalign.eval.arena.store import JudgmentRow, open_engine
 
     with Session(open_engine(database)) as session:
         return list(session.scalars(select(JudgmentRow.uid)))
@@ -193,8 +202,8 @@ def measure(backend: str, evaluation: Path, raters: int, judgments: int) -> dict
 
 def tiny_evaluation(folder: Path) -> Path:
     """A small evaluation of two toy models to draw compare-mode pairs from."""
-    from eval.generate import ModelSpec
-    from eval.suite import EvalConfig, evaluate
+    from pickalign.eval.generate import ModelSpec
+    from pickalign.eval.suite import EvalConfig, evaluate
 
     config = EvalConfig(
         models=[ModelSpec("sd", "eval/toy/assets/sd"), ModelSpec("sdxl", "eval/toy/assets/sdxl")],

@@ -6,12 +6,12 @@
   run on every step (the layout of the usual Diffusion-DPO training scripts).
 
 Both use real-size components with random weights and the same loss code
-(``align.dpo.pair_step``): SD1.5 (UNet 860M, VAE 84M, CLIP-L text encoder 123M) or SDXL (UNet
+(``pickalign.align.dpo.pair_step``): SD1.5 (UNet 860M, VAE 84M, CLIP-L text encoder 123M) or SDXL (UNet
 2.6B, the same VAE, CLIP-L and OpenCLIP-bigG text encoders). ``--precision bf16`` runs the step
 as training does (frozen weights in bf16, LoRA in fp32, autocast). The common design's VAE
 follows the usual scripts (``--common-vae auto``): an SD script casts it to the weight dtype, an
 SDXL script keeps it in fp32. Under bf16, ours skips peft's LoRA input casts as training does
-(``align.lora.skip_lora_input_casts``) and the common design keeps them as the usual scripts do
+(``pickalign.align.lora.skip_lora_input_casts``) and the common design keeps them as the usual scripts do
 (``--skip-lora-casts``).
 
 Each design runs in its own fresh process, so its peak memory is its own: on a CPU the peak
@@ -145,12 +145,12 @@ def run_design(design: str, args) -> dict:
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
 
-    from align.dpo import pair_step
-    from align.finetune import lora_reference
-    from align.lora import add_lora, lora_parameters, skip_lora_input_casts
-    from align.models import Conditioning, default_time_ids, unet_forward
-    from align.text import encode_sd, encode_sdxl
-    from reward.tokenizer import build_clip_tokenizer
+    from pickalign.align.dpo import pair_step
+    from pickalign.align.finetune import lora_reference
+    from pickalign.align.lora import add_lora, lora_parameters, skip_lora_input_casts
+    from pickalign.align.models import Conditioning, default_time_ids, unet_forward
+    from pickalign.align.text import encode_sd, encode_sdxl
+    from pickalign.reward.tokenizer import build_clip_tokenizer
 
     torch.manual_seed(0)
     device = torch.device(args.device)

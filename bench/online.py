@@ -1,11 +1,11 @@
 """Online alignment's speed, side by side in one run.
 
-- ``sampler``: images/s of ``align.sampler.sample`` (stochastic DDIM at eta 1, recording the whole
+- ``sampler``: images/s of ``pickalign.align.sampler.sample`` (stochastic DDIM at eta 1, recording the whole
   trajectory and every step's log-probability) against the stock diffusers pipeline call
   ``pipe(prompts, generator=[...], eta=1, output_type="pt")`` on the same model, steps, guidance
   and batch, timed round-robin in one process (target: at most 10% overhead). It also reports
   the largest difference between the two paths' images, which should be float noise.
-- ``ddpo``: samples/s of a DDPO epoch (sample, score, train) of pickalign's ``align.ddpo.train``
+- ``ddpo``: samples/s of a DDPO epoch (sample, score, train) of pickalign's ``pickalign.align.ddpo.train``
   and of trl 0.23.1's ``DDPOTrainer`` (the last trl release that shipped it) on the same tiny SD
   pipeline (the shipped toy-sd base), the same reward (the toy world's oracle), prompts (the toy
   train prompts), samples, steps, batch sizes, LoRA (rank 4 on the attention projections, trl's
@@ -16,7 +16,7 @@
   the same UNet, VAE and reward calls with nothing around them; floor / trl is the most any
   loop could gain over trl at these settings on the machine (``ceiling``). Writes
   ``reward_vs_time.png``: the epoch's mean reward against wall time, both sides.
-- ``real`` (for a GPU): DDPO epochs of ``align.ddpo.train`` on SD 1.5's or SDXL's real
+- ``real`` (for a GPU): DDPO epochs of ``pickalign.align.ddpo.train`` on SD 1.5's or SDXL's real
   architecture with random weights (a pipeline saved once under ``--out``), a reward that costs
   nothing (the mean pixel), bf16 on a GPU: samples/s after the first epoch and peak memory.
 
@@ -81,7 +81,7 @@ EPOCH = dict(
 
 def bench_sampler(args) -> dict:
     from bench.benchlib import describe_machine
-    from reward.toyworld import prompt_splits
+    from pickalign.reward.toyworld import prompt_splits
 
     prompts = [a.prompt for a in prompt_splits()["test"]][: args.batch]
     results = {"machine": describe_machine("cpu"), "batch": args.batch, "steps": args.steps}
@@ -92,13 +92,13 @@ def bench_sampler(args) -> dict:
 
 
 def sampler_paths(folder: Path, prompts: list[str], args) -> dict:
-    """The stock pipeline call and ``align.sampler.sample`` on the pipeline in ``folder``."""
+    """The stock pipeline call and ``pickalign.align.sampler.sample`` on the pipeline in ``folder``."""
     import torch
     from diffusers import DiffusionPipeline
 
-    from align.models import parts_from_pipeline
-    from align.sampler import sample
     from bench.benchlib import median, round_robin
+    from pickalign.align.models import parts_from_pipeline
+    from pickalign.align.sampler import sample
 
     pipe = DiffusionPipeline.from_pretrained(str(folder))
     pipe.set_progress_bar_config(disable=True)
@@ -138,7 +138,7 @@ def sampler_paths(folder: Path, prompts: list[str], args) -> dict:
 
 def _ours(out: Path, epochs: int) -> None:
     """pickalign's DDPO recipe for ``epochs`` rounds; each round's start, end and mean reward."""
-    from align.ddpo import DDPOConfig
+    from pickalign.align.ddpo import DDPOConfig
 
     e = EPOCH
     config = DDPOConfig(
@@ -181,8 +181,8 @@ def samples_per_s(epochs: list[dict], samples: int) -> float:
 
 
 def timed_ddpo(config, family: str) -> list[dict]:
-    """``align.ddpo.train(config, family)``, with each round's start, end and mean reward."""
-    import align.ddpo as ddpo
+    """``pickalign.align.ddpo.train(config, family)``, with each round's start, end and mean reward."""
+    from pickalign.align import ddpo
 
     epochs_seen = []
     rollout, end_round = ddpo.rollout, ddpo.end_round
@@ -213,7 +213,7 @@ def _trl(out: Path, epochs: int) -> None:
     PartialState()  # trl's pipeline logs through accelerate's logger
     from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
 
-    from reward.toyworld import OracleReward, prompt_splits
+    from pickalign.reward.toyworld import OracleReward, prompt_splits
 
     e = EPOCH
     prompts = [a.prompt for a in prompt_splits()["train"]]
@@ -273,7 +273,7 @@ def _floor(out: Path, epochs: int) -> None:
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig
 
-    from reward.toyworld import OracleReward, prompt_splits
+    from pickalign.reward.toyworld import OracleReward, prompt_splits
 
     e = EPOCH
     pipe = StableDiffusionPipeline.from_pretrained(str(TOY["sd"]))
@@ -335,9 +335,9 @@ def real_size_pipeline(family: str, folder: Path, device) -> Path:
     import torch
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from align.tiny import save_pipeline, tiny_scheduler
     from bench.dpo_step import clip_bigg_text, clip_l_text, sd15_unet, sd15_vae, sdxl_unet
-    from reward.tokenizer import build_clip_tokenizer
+    from pickalign.align.tiny import save_pipeline, tiny_scheduler
+    from pickalign.reward.tokenizer import build_clip_tokenizer
 
     torch.manual_seed(0)
     with torch.device(device):
@@ -360,12 +360,12 @@ def real_size_pipeline(family: str, folder: Path, device) -> Path:
 
 
 def bench_real(args) -> dict:
-    """DDPO epochs of ``align.ddpo.train`` on a real-size architecture with random weights:
+    """DDPO epochs of ``pickalign.align.ddpo.train`` on a real-size architecture with random weights:
     samples/s over the epochs after the first, and peak memory (GPU allocation, or RSS)."""
     import torch
 
-    from align.ddpo import DDPOConfig
     from bench.benchlib import describe_machine, peak_memory_gb, peak_rss_gb
+    from pickalign.align.ddpo import DDPOConfig
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.out)
@@ -473,7 +473,7 @@ def bench_ddpo(args) -> dict:
 
 def plot_rewards(runs: dict, path: Path) -> None:
     """Each run's epoch mean reward against seconds since its first epoch began, one scale."""
-    from align.monitor import plot_curves
+    from pickalign.align.monitor import plot_curves
 
     xs, series = {}, {}
     for name, label in (("ours", "pickalign"), ("trl", "trl 0.23.1")):

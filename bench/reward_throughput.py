@@ -82,7 +82,7 @@ def build_clip(arch: str, device: str):
     """A CLIP of ``arch`` with random weights (fp32, on ``device``) and its processor."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from reward.tokenizer import build_clip_tokenizer
+    from pickalign.reward.tokenizer import build_clip_tokenizer
 
     text, vision, projection = ARCHS[arch]
     config = CLIPConfig(
@@ -101,7 +101,7 @@ def build_clip(arch: str, device: str):
 
 
 def workload(prompts: int, per_prompt: int, size: int):
-    from reward.toyworld import all_attributes, render
+    from pickalign.reward.toyworld import all_attributes, render
 
     rng = np.random.default_rng(0)
     combos = all_attributes()
@@ -116,7 +116,7 @@ def workload(prompts: int, per_prompt: int, size: int):
 @torch.inference_mode()
 def tower(scorer, pixels: torch.Tensor, batch: int) -> list[torch.Tensor]:
     """The image tower alone on already-preprocessed pixels, in batches, as ``scorer`` runs it."""
-    from reward.pickscore import image_embeddings
+    from pickalign.reward.pickscore import image_embeddings
 
     with scorer._autocast():
         return [
@@ -157,7 +157,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
 
-    from reward.pickscore import PickScore, image_embeddings, text_embeddings
+    from pickalign.reward.pickscore import PickScore, image_embeddings, text_embeddings
 
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"

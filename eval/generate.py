@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from reward.runtime import ConfigError, atomic_path, check_fields
+from pickalign.config import ConfigError, check_fields
+from pickalign.runtime import atomic_path
 
 CANDIDATE_SEED_STRIDE = 1_000_003
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -133,8 +134,8 @@ def _finished(record: dict | None, item: Item, out: Path, settings: dict | None 
 def load_pipeline(spec: ModelSpec, device):
     from diffusers import DiffusionPipeline
 
-    from align.lora import load_lora
-    from reward.sources import require
+    from pickalign.align.lora import load_lora
+    from pickalign.reward.sources import require
 
     require(spec.model, "pipeline", f"models[{spec.name}].model")
     pipe = DiffusionPipeline.from_pretrained(spec.model).to(device)
@@ -151,7 +152,7 @@ def load_pipeline(spec: ModelSpec, device):
 
 def _best_of_n(parts, items: list[Item], spec: ModelSpec, reward, steps, guidance, size):
     """(best image, candidates [{seed, score}] best first) per item."""
-    from align.sampler import generate
+    from pickalign.align.sampler import generate
 
     n = spec.rank_n
     prompts = [item.prompt for item in items for _ in range(n)]
@@ -181,9 +182,9 @@ def generate_model(
     an ``accelerate.PartialState``. Returns {"written", "skipped", "seconds"} for this process."""
     from tqdm.auto import tqdm
 
-    from align.models import parts_from_pipeline
-    from align.rewards import load_reward
-    from align.sampler import generate
+    from pickalign.align.models import parts_from_pipeline
+    from pickalign.align.sampler import generate
+    from pickalign.reward.registry import load_reward
 
     started = time.perf_counter()
     steps = spec.steps or steps

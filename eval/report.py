@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from reward.runtime import atomic_write_text
+from pickalign.runtime import atomic_write_text
 
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
 

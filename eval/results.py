@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.winrate import grouped_bootstrap_interval, win_rate
+from pickalign.eval.winrate import grouped_bootstrap_interval, win_rate
 
 CURVE_KEYS = ("monitor/", "train/reward_mean", "train/loss")
 

@@ -4,10 +4,11 @@ compare, and write ``results.json`` and ``report.html``.
     pickalign eval --config recipes/configs/eval/toy.yaml
     accelerate launch recipes/evaluate.py --config recipes/configs/eval/pickapic_test_unique.yaml
 
-The config is YAML (``EvalConfig`` below; ``--help`` lists every field); ``--FIELD VALUE`` on
-the command line overrides a top-level field. ``models`` is a list of ``eval.generate.ModelSpec``,
-``scorers`` maps a column name to a reward spec (``align.rewards.load_reward``), ``runs`` maps a
-name to a training run folder whose curves the report draws.
+The config is YAML (``EvalConfig`` below, read by ``pickalign.config.parse_config``; ``--help``
+lists every field); ``--FIELD VALUE`` on the command line overrides a top-level field.
+``models`` is a list of ``pickalign.eval.generate.ModelSpec``, ``scorers`` maps a column name to
+a reward spec (``pickalign.reward.registry.load_reward``), ``runs`` maps a name to a training
+run folder whose curves the report draws.
 """
 
 from __future__ import annotations
@@ -15,15 +16,20 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import time
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from eval.generate import ModelSpec, generate_model, make_items, read_records, write_manifest
-from reward.runtime import ConfigError, atomic_write_json, check_fields, check_world
+from pickalign.config import ConfigError, check_fields
+from pickalign.eval.generate import (
+    ModelSpec,
+    generate_model,
+    make_items,
+    read_records,
+    write_manifest,
+)
+from pickalign.runtime import atomic_write_json, check_world
 
 
 @dataclass
@@ -115,62 +121,6 @@ def _model_spec(entry) -> ModelSpec:
     return ModelSpec(**entry)
 
 
-def config_help(config_type=None, nested=None) -> str:
-    """Every field of ``config_type`` (default EvalConfig) and of its ``nested`` entry type."""
-    config_type = config_type or EvalConfig
-    nested = nested if config_type is not EvalConfig else ("models", ModelSpec)
-    lines = [f"{config_type.__name__} fields (YAML keys; --FIELD VALUE overrides a top-level one):"]
-    for spec in (config_type, nested[1] if nested else None):
-        if spec is None:
-            continue
-        if nested and spec is nested[1]:
-            lines.append(f"each entry of {nested[0]}:")
-        for item in dataclasses.fields(spec):
-            accepts = item.metadata.get("range") or item.metadata.get("choices")
-            default = "required" if item.default is dataclasses.MISSING else item.default
-            if item.default_factory is not dataclasses.MISSING:
-                default = item.default_factory()
-            lines.append(
-                f"  {item.name}: {item.metadata.get('help', '')} (default {default!r}"
-                + (f"; {accepts}" if accepts else "")
-                + ")"
-            )
-    return "\n".join(lines)
-
-
-def load_config(path: str | Path | None, overrides: list[str] = (), config_type=None):
-    """``config_type`` (default EvalConfig) from the YAML at ``path`` with ``--FIELD VALUE``
-    overrides (values parsed as YAML). Unknown and missing fields are one-line errors."""
-    config_type = config_type or EvalConfig
-    data = {}
-    if path is not None:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"config {path}: no such file")
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config {path}: expected a mapping of fields")
-    overrides = list(overrides)
-    while overrides:
-        flag = overrides.pop(0)
-        if not flag.startswith("--") or not overrides:
-            raise ConfigError(f"expected --FIELD VALUE pairs after the config, got {flag!r}")
-        key, value = flag[2:].replace("-", "_"), overrides.pop(0)
-        data[key] = yaml.safe_load(value) if value.lower() not in ("none", "") else None
-    hints = typing.get_type_hints(config_type)
-    unknown = sorted(set(data) - set(hints))
-    if unknown:
-        raise ConfigError(f"unknown field(s) {unknown}; see --help for the fields")
-    required = [
-        f.name
-        for f in dataclasses.fields(config_type)
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    missing = [k for k in required if k not in data]
-    if missing:
-        raise ConfigError(f"config: {', '.join(missing)} missing")
-    return config_type(**data)
-
-
 def _state():
     """The process state of an ``accelerate launch`` (or a plain run): gloo on a CPU."""
     import os
@@ -191,8 +141,8 @@ def score_images(out: Path, manifest: list[dict], scorers: dict[str, str], devic
     once and each image is decoded once for all of them."""
     from tqdm.auto import tqdm
 
-    from align.rewards import load_reward
-    from reward.data import decode_image
+    from pickalign.reward.data import decode_image
+    from pickalign.reward.registry import load_reward
 
     loaded = {name: load_reward(spec, device) for name, spec in scorers.items()}
     models = list(dict.fromkeys(row["model"] for row in manifest))
@@ -212,9 +162,9 @@ def score_images(out: Path, manifest: list[dict], scorers: dict[str, str], devic
 def evaluate(config: EvalConfig, progress: bool = True) -> Path | None:
     """Generate, score, compare; write ``results.json`` and ``report.html`` in ``output_dir``.
     Returns the report's path on the main process, None on the others."""
-    from align.prompts import load_prompts
-    from eval.report import write_report
-    from eval.results import human_win_rates, read_table, score_figures, training_curves
+    from pickalign.align.prompts import load_prompts
+    from pickalign.eval.report import write_report
+    from pickalign.eval.results import human_win_rates, read_table, score_figures, training_curves
 
     started = time.perf_counter()
     state = _state()
@@ -268,8 +218,8 @@ def evaluate(config: EvalConfig, progress: bool = True) -> Path | None:
     if config.human_judgments:
         results["human"] = human_win_rates(read_table(config.human_judgments), manifest)
     if config.reward_model:
-        from reward.evaluate import evaluate_reward
-        from reward.pickscore import PickScore
+        from pickalign.reward.evaluate import evaluate_reward
+        from pickalign.reward.pickscore import PickScore
 
         scorer = PickScore.from_pretrained(config.reward_model, device=state.device)
         results["reward_accuracy"] = {

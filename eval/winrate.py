@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from reward.evaluate import bootstrap_interval
+from pickalign.reward.evaluate import bootstrap_interval
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,11 @@ align/ddpo.py and align/online.py for every option.
 
 import sys
 
-from align.ddpo import DDPOConfig, train
-from align.models import detect_family
-from eval.toy.judge import ToyJudgeConfig, judge_toy_run
-from reward.runtime import parse_config, run_cli
+from pickalign.align.ddpo import DDPOConfig, train
+from pickalign.align.models import detect_family
+from pickalign.config import parse_config
+from pickalign.eval.toy.judge import ToyJudgeConfig, judge_toy_run
+from pickalign.runtime import run_cli
 
 
 def main(argv: list[str]) -> None:

@@ -12,9 +12,10 @@ is set). Resume with --resume_from_checkpoint latest. See align/dpo.py for every
 
 import sys
 
-from align.dpo import DPOConfig, train
-from eval.toy.judge import ToyJudgeConfig, judge_toy_run
-from reward.runtime import parse_config, run_cli
+from pickalign.align.dpo import DPOConfig, train
+from pickalign.config import parse_config
+from pickalign.eval.toy.judge import ToyJudgeConfig, judge_toy_run
+from pickalign.runtime import run_cli
 
 
 def main(argv: list[str]) -> None:

@@ -5,23 +5,19 @@ win rates with bootstrap intervals, human win rates from a judgments table, and 
     accelerate launch recipes/evaluate.py --config recipes/configs/eval/pickapic_test_unique.yaml
     python recipes/evaluate.py --config recipes/configs/eval/toy.yaml --max_prompts 50
 
-Same as ``pickalign eval --config ...``. Any ``--FIELD VALUE`` overrides the config; ``--fields``
+Same as ``pickalign eval --config ...``. Any ``--FIELD VALUE`` overrides the config; ``--help``
 lists the fields. See eval/suite.py.
 """
 
 import sys
 
-from eval.suite import config_help, evaluate, load_config
-from reward.runtime import run_cli
+from pickalign.config import parse_config
+from pickalign.eval.suite import EvalConfig, evaluate
+from pickalign.runtime import run_cli
 
 
 def main(argv: list[str]) -> None:
-    if "--fields" in argv or "--help" in argv or "-h" in argv:
-        print(__doc__ + "\n" + config_help())
-        return
-    if len(argv) < 2 or argv[0] != "--config":
-        raise SystemExit("usage: recipes/evaluate.py --config EVAL.yaml [--FIELD VALUE ...]")
-    report = evaluate(load_config(argv[1], argv[2:]))
+    report = evaluate(parse_config(EvalConfig, argv))
     if report is not None:
         print(f"report: {report.resolve()}")
 

@@ -11,8 +11,9 @@ held-out prompts). See align/pretrain_toy.py.
 
 import sys
 
-from eval.toy.pretrain import PretrainToyConfig, train
-from reward.runtime import parse_config, run_cli
+from pickalign.config import parse_config
+from pickalign.eval.toy.pretrain import PretrainToyConfig, train
+from pickalign.runtime import run_cli
 
 if __name__ == "__main__":
     sys.exit(run_cli(lambda argv: train(parse_config(PretrainToyConfig, argv))))

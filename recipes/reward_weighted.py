@@ -16,10 +16,11 @@ align/reward_weighted.py and align/online.py for every option.
 
 import sys
 
-from align.models import detect_family
-from align.reward_weighted import RewardWeightedConfig, train
-from eval.toy.judge import ToyJudgeConfig, judge_toy_run
-from reward.runtime import parse_config, run_cli
+from pickalign.align.models import detect_family
+from pickalign.align.reward_weighted import RewardWeightedConfig, train
+from pickalign.config import parse_config
+from pickalign.eval.toy.judge import ToyJudgeConfig, judge_toy_run
+from pickalign.runtime import run_cli
 
 
 def main(argv: list[str]) -> None:

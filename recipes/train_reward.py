@@ -11,8 +11,9 @@ metrics.json, README.md). See reward/train.py.
 
 import sys
 
-from reward.runtime import parse_config, run_cli
-from reward.train import RewardConfig, train
+from pickalign.config import parse_config
+from pickalign.reward.train import RewardConfig, train
+from pickalign.runtime import run_cli
 
 if __name__ == "__main__":
     sys.exit(run_cli(lambda argv: train(parse_config(RewardConfig, argv))))

@@ -1,13 +1,14 @@
-"""pickalign.reward: PickScore, the Pick-a-Pic data layer and the run infrastructure.
+"""pickalign.reward: PickScore, the rewards a run can name, the Pick-a-Pic data layer and the
+toy world.
 
-Never imports diffusers. Heavy pieces import lazily: ``from reward import PickScore`` loads
-transformers only when used.
+Never imports diffusers. Heavy pieces import lazily: ``from pickalign.reward import PickScore``
+loads transformers only when used.
 """
 
 
 def __getattr__(name):
     if name == "PickScore":
-        from reward.pickscore import PickScore
+        from pickalign.reward.pickscore import PickScore
 
         return PickScore
-    raise AttributeError(f"module 'reward' has no attribute {name!r}")
+    raise AttributeError(f"module 'pickalign.reward' has no attribute {name!r}")

@@ -610,7 +610,7 @@ def write_split(rows: list[dict], folder: str | Path, split: str) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from reward.runtime import atomic_path
+    from pickalign.runtime import atomic_path
 
     for index, row in enumerate(rows):
         missing = [c for c in PICKAPIC_COLUMNS if c not in row]

@@ -74,7 +74,7 @@ def accuracy_report(
 @torch.inference_mode()
 def pair_probabilities(scorer, pairs, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """p0 (the softmax weight of image_0) and label_0 for every pair, scored with ``scorer``
-    (a :class:`reward.pickscore.PickScore`)."""
+    (a :class:`pickalign.reward.pickscore.PickScore`)."""
     p0, labels = [], []
     pairs = list(pairs)
     for start in range(0, len(pairs), batch_size):
@@ -89,7 +89,7 @@ def pair_probabilities(scorer, pairs, batch_size: int = 64) -> tuple[np.ndarray,
 
 def evaluate_reward(scorer, source, on_bad: str = "error") -> dict:
     """The protocol on a Pick-a-Pic source: threshold on validation_unique, figures on test_unique."""
-    from reward.data import iter_pairs, load_pickapic
+    from pickalign.reward.data import iter_pairs, load_pickapic
 
     def split(name):
         return pair_probabilities(scorer, iter_pairs(load_pickapic(source, name), on_bad=on_bad))

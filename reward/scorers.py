@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from reward.pickscore import ImageLike, PickScore
+from pickalign.reward.pickscore import ImageLike, PickScore
 
 CLIP_SCORE_MODEL = "openai/clip-vit-large-patch14"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from reward.tokenizer import MAX_LENGTH, build_clip_tokenizer
+from pickalign.reward.tokenizer import MAX_LENGTH, build_clip_tokenizer
 
 
 def tiny_clip_config(image_size: int = 32, width: int = 32, layers: int = 2, projection: int = 32):

@@ -1,6 +1,6 @@
 """Train PickScore: fine-tune both CLIP towers and logit_scale on Pick-a-Pic preference pairs.
 
-The objective is the paper's (``reward.losses.preference_loss``), each example weighted by
+The objective is the paper's (``pickalign.reward.losses.preference_loss``), each example weighted by
 1 / num_example_per_prompt as the official trainer does; the in-batch-negatives variant of the
 paper's section 7 is an option. AdamW (or bitsandbytes' 8-bit AdamW), linear warmup then linear
 decay, gradient clipping, bf16 and gradient checkpointing; DDP and DeepSpeed ZeRO-2 through
@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from reward.data import (
+from pickalign.config import RunConfig
+from pickalign.reward.data import (
     BadRowError,
     DataReport,
     DatasetConfig,
@@ -30,13 +31,13 @@ from reward.data import (
     split_bad,
     usable_rows,
 )
-from reward.evaluate import accuracy_report, evaluate_reward, pair_probabilities
-from reward.losses import in_batch_negatives_loss, preference_loss
-from reward.pickscore import PickScore, image_embeddings, text_embeddings
-from reward.runtime import (
+from pickalign.reward.evaluate import accuracy_report, evaluate_reward, pair_probabilities
+from pickalign.reward.losses import in_batch_negatives_loss, preference_loss
+from pickalign.reward.pickscore import PickScore, image_embeddings, text_embeddings
+from pickalign.reward.sources import require
+from pickalign.runtime import (
     EpochBatches,
     EpochSampler,
-    RunConfig,
     append_log,
     atomic_path,
     atomic_write_json,
@@ -51,7 +52,6 @@ from reward.runtime import (
     warmup_schedule,
     write_config,
 )
-from reward.sources import require
 
 
 @dataclass
@@ -204,7 +204,7 @@ def load_model(config: RewardConfig):
     from transformers import CLIPModel, CLIPProcessor
 
     if config.from_scratch:
-        from reward.tiny import build_tiny_clip
+        from pickalign.reward.tiny import build_tiny_clip
 
         folder = Path(config.output_dir) / "init"
         if not (folder / "config.json").exists():
@@ -229,7 +229,7 @@ def param_groups(model, weight_decay: float) -> list[dict]:
 
 def validate(model, processor, config: RewardConfig, device) -> dict:
     """Pairwise accuracy on validation_unique (ties excluded) and the protocol figures."""
-    from reward.data import iter_pairs
+    from pickalign.reward.data import iter_pairs
 
     scorer = PickScore(model.eval(), processor, device=device, dtype=torch.float32, freeze=False)
     pairs = list(
@@ -394,7 +394,7 @@ def model_card(metrics: dict, config: RewardConfig | None) -> str:
         "model = CLIPModel.from_pretrained(path); processor = CLIPProcessor.from_pretrained(path)",
         "```",
         "",
-        "Or `reward.PickScore.from_pretrained(path).score(prompts, images)`.",
+        "Or `pickalign.reward.PickScore.from_pretrained(path).score(prompts, images)`.",
         "",
         "## Evaluation (test_unique, tie threshold chosen on validation_unique)",
         "",

@@ -16,8 +16,8 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_exten
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Tiny CLIP, SD and SDXL saved once per session with save_pretrained."""
-    from align.tiny import build_tiny_sd, build_tiny_sdxl
-    from reward.tiny import build_tiny_clip
+    from pickalign.align.tiny import build_tiny_sd, build_tiny_sdxl
+    from pickalign.reward.tiny import build_tiny_clip
 
     root = tmp_path_factory.mktemp("tiny_models")
     return {
@@ -30,7 +30,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def toy_pairs(tmp_path_factory) -> Path:
     """A small renders-only toy dataset in the Pick-a-Pic schema (16 train prompts x 2 pairs)."""
-    from eval.toy.data import generate_toy_dataset
+    from pickalign.eval.toy.data import generate_toy_dataset
 
     out = tmp_path_factory.mktemp("toy_pairs")
     generate_toy_dataset(
@@ -74,11 +74,20 @@ def launch(config: str, script: str, *args: str, timeout: int = 300) -> subproce
 def tiny_evaluation(tiny_models, tmp_path_factory) -> Path:
     """One small evaluation (3 tiny-SD models x 3 prompts x 2 seeds, tests.test_eval's config),
     shared read-only by the evaluation and arena tests."""
-    from eval.suite import evaluate, load_config
+    from pickalign.eval.suite import evaluate
     from tests.test_eval import write_config
 
     tmp_path = tmp_path_factory.mktemp("tiny_evaluation")
-    return evaluate(load_config(write_config(tmp_path, tiny_models)), progress=False).parent
+    return evaluate(eval_config(write_config(tmp_path, tiny_models)), progress=False).parent
+
+
+def eval_config(path: Path, *overrides: str):
+    """The evaluation config at ``path`` with ``--FIELD VALUE`` overrides, read as every command
+    reads a config."""
+    from pickalign.config import parse_config
+    from pickalign.eval.suite import EvalConfig
+
+    return parse_config(EvalConfig, ["--config", str(path), *overrides])
 
 
 def require_system(available: bool, what: str, install: str) -> None:

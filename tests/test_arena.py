@@ -20,8 +20,8 @@ def evaluation(tiny_evaluation) -> Path:
 def arena(tmp_path, **settings):
     from fastapi.testclient import TestClient
 
-    from eval.arena.app import create_app
-    from eval.arena.config import ArenaConfig
+    from pickalign.eval.arena.app import create_app
+    from pickalign.eval.arena.config import ArenaConfig
 
     settings.setdefault("database", f"sqlite:///{tmp_path / 'arena.db'}")
     settings.setdefault("images_dir", str(tmp_path / "images"))
@@ -49,7 +49,7 @@ def judgment(pair: dict, choice: str = "left", uid: str | None = None) -> dict:
 
 
 def rows(config) -> list[dict]:
-    from eval.arena.store import all_judgments, open_engine
+    from pickalign.eval.arena.store import all_judgments, open_engine
 
     return all_judgments(open_engine(config.database))
 
@@ -92,10 +92,10 @@ def test_the_export_is_a_pickapic_dataset_and_a_judgments_table_the_evaluation_r
 ):
     import pandas as pd
 
-    from eval.arena.export import export
-    from eval.arena.store import open_engine
-    from eval.results import human_win_rates, read_table
-    from reward.data import PICKAPIC_COLUMNS, inspect_split, iter_pairs, load_pickapic
+    from pickalign.eval.arena.export import export
+    from pickalign.eval.arena.store import open_engine
+    from pickalign.eval.results import human_win_rates, read_table
+    from pickalign.reward.data import PICKAPIC_COLUMNS, inspect_split, iter_pairs, load_pickapic
 
     client, config = arena(tmp_path, mode="compare", evaluation=str(evaluation))
     headers = session(client)
@@ -269,12 +269,11 @@ def test_a_long_prompt_is_refused(tiny_models, tmp_path):
 
 
 def test_arena_configs_parse_and_refuse_what_cannot_work():
-    from eval.arena.config import ArenaConfig
-    from eval.suite import load_config
-    from reward.runtime import ConfigError
+    from pickalign.config import ConfigError, parse_config
+    from pickalign.eval.arena.config import ArenaConfig
 
     for path in sorted((Path(__file__).parents[1] / "recipes/configs/arena").glob("*.yaml")):
-        config = load_config(path, [], ArenaConfig)
+        config = parse_config(ArenaConfig, ["--config", str(path)])
         assert "Launch" in path.read_text().split("\nmode:")[0]
         assert config.mode in ("generate", "compare")
     with pytest.raises(ConfigError, match="needs at least one model"):

@@ -80,11 +80,11 @@ def test_a_rater_clicks_ten_judgments_in_chromium_and_the_export_trains_a_reward
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from eval.arena.export import export, split_of
-    from eval.arena.store import all_judgments, open_engine
-    from reward.data import load_pickapic
-    from reward.toyworld import prompt_splits
-    from reward.train import RewardConfig, train
+    from pickalign.eval.arena.export import export, split_of
+    from pickalign.eval.arena.store import all_judgments, open_engine
+    from pickalign.reward.data import load_pickapic
+    from pickalign.reward.toyworld import prompt_splits
+    from pickalign.reward.train import RewardConfig, train
 
     # prompts that land in each export split (validation and test a third each)
     wanted, prompts = ["train", "train", "validation", "test"], []

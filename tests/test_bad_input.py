@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from align.dpo import DPOConfig
-from align.dpo import train as dpo_train
-from eval.cli import main as cli
-from eval.toy.judge import ToyJudgeConfig
-from reward.data import (
+from pickalign.align.dpo import DPOConfig
+from pickalign.align.dpo import train as dpo_train
+from pickalign.cli import main as cli
+from pickalign.config import ConfigError, parse_config
+from pickalign.eval.toy.judge import ToyJudgeConfig
+from pickalign.reward.data import (
     BadImageError,
     DataReport,
     PairFilter,
@@ -22,8 +23,8 @@ from reward.data import (
     load_pickapic,
     write_split,
 )
-from reward.runtime import ConfigError, parse_config, run_cli
-from reward.train import PairDataset, RewardConfig, make_collate, train
+from pickalign.reward.train import PairDataset, RewardConfig, make_collate, train
+from pickalign.runtime import run_cli
 from tests.conftest import REPO, jpeg_bytes
 from tests.test_data import make_row
 

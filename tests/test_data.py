@@ -3,8 +3,8 @@ from datetime import datetime
 import pytest
 from PIL import Image
 
-from eval.cli import main as cli
-from reward.data import (
+from pickalign.cli import main as cli
+from pickalign.reward.data import (
     PICKAPIC_COLUMNS,
     BadRowError,
     DataReport,
@@ -184,22 +184,22 @@ def test_inspect_reports_every_split_asked(messy, capsys):
 
 
 def test_first_rows_reads_a_split_only_that_far(tmp_path, monkeypatch):
-    import reward.data
+    from pickalign.reward import data
 
     write_split([make_row(i, caption=f"prompt {i}") for i in range(40)], tmp_path, "train")
-    pulled, load = [], reward.data.load_pickapic
+    pulled, load = [], data.load_pickapic
 
     def counted(*args, **kwargs):  # every row the stream hands out
         return load(*args, **kwargs).map(lambda row: pulled.append(row["caption"]) or row)
 
-    monkeypatch.setattr(reward.data, "load_pickapic", counted)
-    rows = reward.data.first_rows(tmp_path, "train", 6)
+    monkeypatch.setattr(data, "load_pickapic", counted)
+    rows = data.first_rows(tmp_path, "train", 6)
     assert rows.column_names == list(PICKAPIC_COLUMNS)
     assert rows["caption"] == pulled == [f"prompt {i}" for i in range(6)]
     assert next(iter_pairs(rows)).image_0.size == (24, 16)  # the image bytes came along
     pulled.clear()
-    assert reward.data.first_rows(tmp_path, "train", 6)["caption"] == rows["caption"]
+    assert data.first_rows(tmp_path, "train", 6)["caption"] == rows["caption"]
     assert pulled == []  # from the cache: not read again
     write_split([make_row(i, caption=f"new {i}") for i in range(40)], tmp_path, "train")
-    again = reward.data.first_rows(tmp_path, "train", 6)  # the folder changed: read again
+    again = data.first_rows(tmp_path, "train", 6)  # the folder changed: read again
     assert again["caption"] == [f"new {i}" for i in range(6)]

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from align.dpo import DPOConfig, pair_step, train
-from align.finetune import lora_reference
-from align.lora import (
+from pickalign.align.dpo import DPOConfig, pair_step, train
+from pickalign.align.finetune import lora_reference
+from pickalign.align.lora import (
     WEIGHT_NAME,
     LoraMismatchError,
     add_lora,
@@ -19,9 +19,9 @@ from align.lora import (
     save_lora,
     skip_lora_input_casts,
 )
-from align.losses import diffusion_dpo_loss
-from align.models import load_parts
-from align.pairs import (
+from pickalign.align.losses import diffusion_dpo_loss
+from pickalign.align.models import load_parts
+from pickalign.align.pairs import (
     CachedPairs,
     PairCrop,
     PreferencePairs,
@@ -29,8 +29,8 @@ from align.pairs import (
     collate_pairs,
     prepare_image,
 )
-from eval.toy.judge import ToyJudgeConfig
-from reward.data import load_pickapic
+from pickalign.eval.toy.judge import ToyJudgeConfig
+from pickalign.reward.data import load_pickapic
 from tests.conftest import REPO, launch
 
 
@@ -280,10 +280,10 @@ def test_bf16_run_holds_the_frozen_unet_in_bf16_and_trains_an_fp32_lora(
 ):
     from safetensors.torch import load_file
 
-    import align.finetune
+    from pickalign.align import finetune
 
     seen = {}
-    load, add = align.finetune.load_parts, align.finetune.add_lora
+    load, add = finetune.load_parts, finetune.add_lora
 
     def recording_load_parts(*args, **kwargs):  # loaded in bf16: no transient fp32 copy
         parts = load(*args, **kwargs)
@@ -294,11 +294,11 @@ def test_bf16_run_holds_the_frozen_unet_in_bf16_and_trains_an_fp32_lora(
         add(unet, *args, **kwargs)
         seen["lora"] = {p.dtype for p in lora_parameters(unet)}
 
-    monkeypatch.setattr(align.finetune, "load_parts", recording_load_parts)
-    monkeypatch.setattr(align.finetune, "add_lora", recording_add_lora)
-    skip = align.finetune.skip_lora_input_casts
+    monkeypatch.setattr(finetune, "load_parts", recording_load_parts)
+    monkeypatch.setattr(finetune, "add_lora", recording_add_lora)
+    skip = finetune.skip_lora_input_casts
     monkeypatch.setattr(
-        align.finetune, "skip_lora_input_casts", lambda unet: seen.setdefault("skipped", skip(unet))
+        finetune, "skip_lora_input_casts", lambda unet: seen.setdefault("skipped", skip(unet))
     )
     config = small(
         tiny_models["sd"],
@@ -440,7 +440,7 @@ def test_two_process_runs(tiny_models, toy_pairs, tmp_path, config):
     "name", sorted(p.name for p in (REPO / "recipes/configs/dpo").glob("*.yaml"))
 )
 def test_shipped_configs_parse(name):
-    from reward.runtime import parse_config
+    from pickalign.config import parse_config
 
     config, _ = parse_config(
         (DPOConfig, ToyJudgeConfig), ["--config", str(REPO / "recipes/configs/dpo" / name)]
@@ -454,7 +454,7 @@ def test_shipped_configs_parse(name):
 
 @pytest.mark.parametrize("off", ["none", "None", ""])
 def test_the_command_line_switches_off_a_validation_split_the_config_sets(off):
-    from reward.runtime import parse_config
+    from pickalign.config import parse_config
 
     toy = ["--config", str(REPO / "recipes/configs/dpo/toy_sd.yaml")]
     both = (DPOConfig, ToyJudgeConfig)
@@ -463,7 +463,7 @@ def test_the_command_line_switches_off_a_validation_split_the_config_sets(off):
 
 
 def test_a_pair_with_a_missing_image_follows_the_data_policy(toy_pairs, tmp_path):
-    from reward.data import BadRowError, write_split
+    from pickalign.reward.data import BadRowError, write_split
 
     rows = load_pickapic(toy_pairs, "train", streaming=False).to_list()
     first = int(PreferencePairs(load_pickapic(toy_pairs, "train", streaming=False), 32).index[0])
@@ -543,7 +543,7 @@ def test_a_short_run_learns_the_oracle_preference_on_held_out_prompts(tmp_path):
     """Learning, not only running: from the shipped toy-sd base, a short LoRA run on oracle-labelled
     renders makes the policy rank pairs of held-out prompts (never trained on) the oracle's way
     more often than the reference does (0.5 by construction), with a loss under log 2."""
-    from eval.toy.data import generate_toy_dataset
+    from pickalign.eval.toy.data import generate_toy_dataset
 
     generate_toy_dataset(
         tmp_path / "data",
@@ -577,9 +577,9 @@ def test_a_short_run_learns_the_oracle_preference_on_held_out_prompts(tmp_path):
 
 
 def test_max_pairs_reads_only_the_rows_that_hold_them(tmp_path, monkeypatch):
-    import reward.data
-    from align.pairs import make_pair_dataset
-    from reward.data import write_split
+    from pickalign.align.pairs import make_pair_dataset
+    from pickalign.reward import data
+    from pickalign.reward.data import write_split
     from tests.test_data import make_row
 
     rows = [
@@ -587,12 +587,12 @@ def test_max_pairs_reads_only_the_rows_that_hold_them(tmp_path, monkeypatch):
     ]
     write_split(rows, tmp_path, "train")
     whole = PreferencePairs(load_pickapic(tmp_path, "train", streaming=False), 16)
-    pulled, load = [], reward.data.load_pickapic
+    pulled, load = [], data.load_pickapic
 
     def counted(*args, **kwargs):
         return load(*args, **kwargs).map(lambda row: pulled.append(row["caption"]) or row)
 
-    monkeypatch.setattr(reward.data, "load_pickapic", counted)
+    monkeypatch.setattr(data, "load_pickapic", counted)
     config = DPOConfig(model="unused", dataset=str(tmp_path), max_pairs=10, resolution=16)
     pairs = make_pair_dataset(config, None, None)
     assert [pairs[i]["prompt"] for i in range(len(pairs))] == [
@@ -607,8 +607,8 @@ def test_full_mode_reference_equals_the_policy_at_step_zero_in_bf16(tiny_models,
     from accelerate import Accelerator
     from diffusers import UNet2DConditionModel
 
-    from align.finetune import make_reference, setup_unet
-    from align.models import Conditioning
+    from pickalign.align.finetune import make_reference, setup_unet
+    from pickalign.align.models import Conditioning
 
     folder = tmp_path / "sdxl"
     shutil.copytree(tiny_models["sdxl"], folder)
@@ -638,7 +638,7 @@ def test_full_mode_reference_equals_the_policy_at_step_zero_in_bf16(tiny_models,
 def test_the_moving_average_of_half_precision_weights_is_kept_in_fp32():
     from accelerate import Accelerator
 
-    from align.release import make_ema
+    from pickalign.align.release import make_ema
 
     # DeepSpeed's bf16 holds the module's weights in bf16: an average kept in bf16 stalls
     weights = [torch.nn.Parameter(torch.full((4,), 0.1, dtype=torch.bfloat16))]

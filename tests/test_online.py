@@ -8,18 +8,18 @@ import pytest
 import torch
 from PIL import Image
 
-from align.ddpo import DDPOConfig, ppo_step
-from align.ddpo import train as train_ddpo
-from align.lora import add_lora, lora_parameters
-from align.models import load_parts
-from align.online import round_prompts
-from align.prompts import load_prompts
-from align.reward_weighted import RewardWeightedConfig, sample_weights
-from align.reward_weighted import train as train_weighted
-from align.sampler import sample, step_log_prob
-from reward.data import load_pickapic
-from reward.runtime import ConfigError
-from reward.toyworld import prompt_splits
+from pickalign.align.ddpo import DDPOConfig, ppo_step
+from pickalign.align.ddpo import train as train_ddpo
+from pickalign.align.lora import add_lora, lora_parameters
+from pickalign.align.models import load_parts
+from pickalign.align.online import round_prompts
+from pickalign.align.prompts import load_prompts
+from pickalign.align.reward_weighted import RewardWeightedConfig, sample_weights
+from pickalign.align.reward_weighted import train as train_weighted
+from pickalign.align.sampler import sample, step_log_prob
+from pickalign.config import ConfigError
+from pickalign.reward.data import load_pickapic
+from pickalign.reward.toyworld import prompt_splits
 from tests.conftest import REPO, launch
 
 TOY_SD = REPO / "eval/toy/assets/sd"
@@ -110,7 +110,7 @@ def test_the_first_inner_step_has_ratio_one_and_no_kl(tiny_models):
 def test_the_kl_penalty_is_zero_at_the_reference_and_grows_with_the_lora(tiny_models):
     from accelerate import Accelerator
 
-    from align.ddpo import lora_free_steps
+    from pickalign.align.ddpo import lora_free_steps
 
     parts = load_parts(str(tiny_models["sdxl"]))
     add_lora(parts.unet, rank=4)  # B = 0: the policy is the reference
@@ -149,8 +149,8 @@ def test_reward_weighted_and_best_of_n_weights_by_hand():
 
 
 def test_the_regularizer_gives_preferred_images_or_renders_of_their_prompts(toy_pairs, tmp_path):
-    from align.reward_weighted import Regularizer
-    from reward.toyworld import judge
+    from pickalign.align.reward_weighted import Regularizer
+    from pickalign.reward.toyworld import judge
 
     def pil(pixels):
         array = ((pixels.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
@@ -330,8 +330,8 @@ def test_reward_weighted_runs_in_two_processes_with_the_regularizer(tiny_models,
 
 
 def test_rank_keeps_the_best_of_n_by_the_reward_and_writes_every_candidate(tiny_models, tmp_path):
-    from align.rank import load_ranking
-    from eval.cli import main
+    from pickalign.align.rank import load_ranking
+    from pickalign.cli import main
 
     args = ["rank", "--model", str(tiny_models["sd"]), "--reward", "tests.test_online:brightness"]
     args += ["--prompt", "a cat", "--prompt", "a dog", "--n", "4", "--steps", "3"]
@@ -367,8 +367,8 @@ def test_rank_keeps_the_best_of_n_by_the_reward_and_writes_every_candidate(tiny_
     ),
 )
 def test_shipped_configs_parse_and_say_how_to_launch(path):
-    from eval.toy.judge import ToyJudgeConfig
-    from reward.runtime import parse_config
+    from pickalign.config import parse_config
+    from pickalign.eval.toy.judge import ToyJudgeConfig
 
     kind = DDPOConfig if "/ddpo/" in path else RewardWeightedConfig
     config, judge = parse_config((kind, ToyJudgeConfig), ["--config", str(REPO / path)])

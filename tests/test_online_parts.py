@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from align.advantages import PromptStats, group_advantages
-from align.rewards import load_reward
-from reward.toyworld import Attributes, render
+from pickalign.align.advantages import PromptStats, group_advantages
+from pickalign.reward.registry import load_reward
+from pickalign.reward.toyworld import Attributes, render
 
 RED_CIRCLE = Attributes("red", "circle", "blue")
 
@@ -69,7 +69,7 @@ def test_prompt_stats_use_the_batch_until_a_prompt_has_enough_history_and_surviv
 
 
 def test_ppo_clip_loss_by_hand_and_its_gradient_stops_outside_the_clip():
-    from align.losses import ppo_clip_loss
+    from pickalign.align.losses import ppo_clip_loss
 
     old = torch.tensor([0.0, 0.0, 0.0])
     new = torch.tensor([0.05, -0.05, 0.001], requires_grad=True)  # ratios e^0.05, e^-0.05, ~1

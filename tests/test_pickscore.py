@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from eval.cli import main as cli
-from reward.pickscore import PickScore
+from pickalign.cli import main as cli
+from pickalign.reward.pickscore import PickScore
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_each_prompt_is_encoded_once(scorer, monkeypatch):
     pixels = torch.rand(2, 3, 40, 48, requires_grad=True)
     scorer.differentiable(["a cat", "a dog"], pixels, value_range=(0.0, 1.0)).sum().backward()
     assert encoded == [2, 1] and pixels.grad.abs().sum() > 0
-    monkeypatch.setattr("reward.pickscore.TEXT_CACHE_SIZE", 2)  # one call of more prompts
+    monkeypatch.setattr("pickalign.reward.pickscore.TEXT_CACHE_SIZE", 2)  # one call of more prompts
     assert scorer.score(["p1", "p2", "p3"], images(3)).shape == (3,)
 
 
@@ -98,7 +98,7 @@ def test_empty_prompt_is_scored_and_long_prompts_warn_once(scorer):
 
 
 def test_differentiable_reward_agrees_with_the_processor_and_has_gradients(scorer):
-    from reward.toyworld import all_attributes, render
+    from pickalign.reward.toyworld import all_attributes, render
 
     rng = np.random.default_rng(0)  # natural images: smooth regions and antialiased edges
     pics = [render(a, rng, size=64).crop((0, 8, 64, 56)) for a in all_attributes()[:: 450 // 4][:4]]
@@ -117,7 +117,7 @@ def test_differentiable_reward_agrees_with_the_processor_and_has_gradients(score
 
 
 def test_device_preprocessing_agrees_with_the_processor_and_keeps_order(scorer, monkeypatch):
-    from reward.toyworld import all_attributes, render
+    from pickalign.reward.toyworld import all_attributes, render
 
     rng = np.random.default_rng(1)
     combos = all_attributes()[::97][:5]

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from reward.evaluate import accuracy_report, choose_threshold, pair_scores, predict
-from reward.losses import in_batch_negatives_loss, preference_loss
+from pickalign.reward.evaluate import accuracy_report, choose_threshold, pair_scores, predict
+from pickalign.reward.losses import in_batch_negatives_loss, preference_loss
 
 
 def t(*values):

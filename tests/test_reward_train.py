@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from reward.train import RewardConfig, train
+from pickalign.reward.train import RewardConfig, train
 from tests.conftest import REPO, launch
 
 

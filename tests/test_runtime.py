@@ -5,14 +5,13 @@ import pytest
 import torch
 import yaml
 
-from reward.runtime import (
-    RunConfig,
+from pickalign.config import RunConfig, parse_config
+from pickalign.runtime import (
     atomic_path,
     check_finite,
     list_checkpoints,
     make_accelerator,
     maybe_resume,
-    parse_config,
     save_checkpoint,
     seed_everything,
     write_config,
@@ -168,7 +167,7 @@ def test_nan_loss_stops_before_the_optimizer_step(tmp_path):
 def rows_loader(accelerator, bad: set[int], size: int = 10, batch_size: int = 2):
     """A prepared loader of row indices in EpochSampler order; rows in ``bad`` come back as
     bad rows, as the pair datasets' collate hands them on."""
-    from reward.runtime import EpochSampler
+    from pickalign.runtime import EpochSampler
 
     def collate(rows):
         good = [r for r in rows if r not in bad]
@@ -184,7 +183,7 @@ def rows_loader(accelerator, bad: set[int], size: int = 10, batch_size: int = 2)
 def test_epoch_batches_reshuffle_each_epoch_and_resume_at_the_batch():
     from accelerate import Accelerator
 
-    from reward.runtime import EpochBatches
+    from pickalign.runtime import EpochBatches
 
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
     loader = rows_loader(accelerator, bad=set())
@@ -210,7 +209,7 @@ def test_epoch_batches_reshuffle_each_epoch_and_resume_at_the_batch():
 def test_epoch_batches_skip_a_bad_batch_and_stop_on_an_epoch_of_bad_rows():
     from accelerate import Accelerator
 
-    from reward.runtime import EpochBatches
+    from pickalign.runtime import EpochBatches
 
     accelerator = Accelerator(cpu=True)
     # rows 3 and 6 make the first batch of epoch 0 (EpochSampler(10, seed=3)'s order)

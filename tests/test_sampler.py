@@ -4,10 +4,10 @@ and a step's log-probability recomputed from the stored latents is the one recor
 import pytest
 import torch
 
-from align.models import load_parts
-from align.sampler import sample, step_log_prob
-from eval.toy.data import shipped_toy_models
-from reward.toyworld import prompt_splits
+from pickalign.align.models import load_parts
+from pickalign.align.sampler import sample, step_log_prob
+from pickalign.eval.toy.data import shipped_toy_models
+from pickalign.reward.toyworld import prompt_splits
 
 MODELS = shipped_toy_models()
 PROMPTS = [a.prompt for a in prompt_splits()["test"][:3]]
@@ -38,7 +38,7 @@ def test_sampler_reproduces_the_stock_pipeline(name, eta):
 
 @pytest.mark.parametrize("name", ["toy-sd", "toy-sdxl"])
 def test_a_recomputed_step_log_prob_is_the_sampled_one_and_carries_gradients(name):
-    from align.lora import add_lora, lora_parameters
+    from pickalign.align.lora import add_lora, lora_parameters
 
     parts = load_parts(str(MODELS[name]))
     add_lora(parts.unet, rank=4)

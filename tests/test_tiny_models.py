@@ -76,7 +76,7 @@ def test_training_unconditional_is_what_the_stock_pipeline_samples(
 
     import diffusers
 
-    from align.models import load_parts
+    from pickalign.align.models import load_parts
 
     folder = tiny_models[family]
     if forces_zeros is not None:  # the same weights with the option written either way

@@ -1,6 +1,6 @@
 import pytest
 
-from reward.tokenizer import build_clip_tokenizer, clip_vocab
+from pickalign.reward.tokenizer import build_clip_tokenizer, clip_vocab
 
 
 @pytest.fixture(scope="module")

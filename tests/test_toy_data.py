@@ -1,8 +1,8 @@
 import pytest
 
-from eval.toy.data import generate_toy_dataset, shipped_toy_models, with_wrong_attributes
-from reward.data import PICKAPIC_COLUMNS, SPLITS, DataReport, iter_pairs, load_pickapic
-from reward.toyworld import Attributes, prefer
+from pickalign.eval.toy.data import generate_toy_dataset, shipped_toy_models, with_wrong_attributes
+from pickalign.reward.data import PICKAPIC_COLUMNS, SPLITS, DataReport, iter_pairs, load_pickapic
+from pickalign.reward.toyworld import Attributes, prefer
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +110,8 @@ def test_a_source_mix_uses_only_its_sources(tmp_path):
 
 
 def test_base_models_can_be_swapped_for_a_retrained_one(tmp_path):
-    from eval.cli import main as cli
-    from eval.toy.data import with_base_models
+    from pickalign.cli import main as cli
+    from pickalign.eval.toy.data import with_base_models
     from tests.conftest import REPO
 
     retrained = REPO / "eval" / "toy" / "assets" / "sdxl"  # any pipeline folder will do

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from eval.toy.data import shipped_toy_models
-from eval.toy.judge import oracle_accuracy
-from eval.toy.pretrain import vae_round_trip
-from reward.toyworld import prompt_splits, read_image
+from pickalign.eval.toy.data import shipped_toy_models
+from pickalign.eval.toy.judge import oracle_accuracy
+from pickalign.eval.toy.pretrain import vae_round_trip
+from pickalign.reward.toyworld import prompt_splits, read_image
 
 MODELS = shipped_toy_models()
 
@@ -58,8 +58,8 @@ AGREEMENT_TOLERANCE = 0.06
 def test_stock_pipeline_samples_a_shipped_base_as_pretraining_measured(name):
     from diffusers import DiffusionPipeline
 
-    from eval.toy.pretrain import VALIDATION_FILE
-    from reward.toyworld import adherence, judge
+    from pickalign.eval.toy.pretrain import VALIDATION_FILE
+    from pickalign.reward.toyworld import adherence, judge
 
     measured = json.loads((MODELS[name] / VALIDATION_FILE).read_text())
     pipe = DiffusionPipeline.from_pretrained(MODELS[name])
@@ -101,7 +101,7 @@ def test_pipelines_are_saved_in_the_layout_transformers_4_reads_too(tiny_models)
     writes for a CLIPTextModel built from a config as a randomly initialised text encoder, with
     only a warning, and its slow CLIPTokenizer cannot read a tokenizer.json-only folder. This
     suite runs on transformers 5, so the files themselves are checked: the shipped bases and
-    what ``align.tiny.save_pipeline`` writes (as the toy pretraining saves a base)."""
+    what ``pickalign.align.tiny.save_pipeline`` writes (as the toy pretraining saves a base)."""
     from safetensors import safe_open
 
     for folder in (MODELS["toy-sd"], MODELS["toy-sdxl"], tiny_models["sd"], tiny_models["sdxl"]):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reward.toyworld import (
+from pickalign.reward.toyworld import (
     ATTRIBUTE_NAMES,
     Attributes,
     adherence,
@@ -98,7 +98,7 @@ def test_adherence_figures():
 def test_oracle_reward_counts_attributes_for_pil_arrays_and_tensors():
     import torch
 
-    from reward.toyworld import OracleReward
+    from pickalign.reward.toyworld import OracleReward
 
     rng = np.random.default_rng(0)
     wanted = Attributes("red", "circle", "blue")

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from eval.winrate import outcomes, win_rate
-from reward.evaluate import bootstrap_interval
+from pickalign.eval.winrate import outcomes, win_rate
+from pickalign.reward.evaluate import bootstrap_interval
 
 
 def test_ties_count_half():
@@ -38,7 +38,7 @@ def test_unpaired_scores_are_refused():
 
 
 def test_toy_judging_takes_held_out_splits_only():
-    from eval.toy.judge import aligned_vs_base
+    from pickalign.eval.toy.judge import aligned_vs_base
 
     with pytest.raises(ValueError, match="'validation' or 'test', got 'train'"):
         aligned_vs_base("unused", "unused", split="train")  # the bases trained on these prompts
@@ -50,8 +50,8 @@ def test_judging_several_folders_matches_judging_each_alone(tmp_path):
     import torch
     from diffusers import DiffusionPipeline
 
-    from align.lora import add_lora, lora_parameters, save_lora
-    from eval.toy.judge import aligned_vs_base
+    from pickalign.align.lora import add_lora, lora_parameters, save_lora
+    from pickalign.eval.toy.judge import aligned_vs_base
     from tests.conftest import REPO
 
     base = REPO / "eval" / "toy" / "assets" / "sd"
@@ -75,8 +75,8 @@ def test_judging_several_folders_matches_judging_each_alone(tmp_path):
 
 def test_compare_counts_fixed_and_broken_attributes():
     """The win rate nets fixes against breakages; the per-attribute counts keep both."""
-    from eval.toy.judge import oracle_compare
-    from reward.toyworld import Attributes, render
+    from pickalign.eval.toy.judge import oracle_compare
+    from pickalign.reward.toyworld import Attributes, render
 
     rng = np.random.default_rng(4)
     right = Attributes("red", "circle", "blue")
@@ -104,8 +104,8 @@ def test_toy_run_judging_writes_metrics_and_card(tmp_path, capsys):
 
     from diffusers import DiffusionPipeline
 
-    from align.lora import add_lora, save_lora
-    from eval.toy.judge import ToyJudgeConfig, judge_toy_run
+    from pickalign.align.lora import add_lora, save_lora
+    from pickalign.eval.toy.judge import ToyJudgeConfig, judge_toy_run
     from tests.conftest import REPO
 
     base = REPO / "eval" / "toy" / "assets" / "sd"

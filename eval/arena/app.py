@@ -35,8 +35,14 @@ from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 
-from eval.arena.config import ArenaConfig
-from eval.arena.store import CHOICES, ImageRow, count_judgments, open_engine, record_judgment
+from pickalign.eval.arena.config import ArenaConfig
+from pickalign.eval.arena.store import (
+    CHOICES,
+    ImageRow,
+    count_judgments,
+    open_engine,
+    record_judgment,
+)
 
 HERE = Path(__file__).parent
 UID = re.compile(r"^[0-9a-f]{32}$")
@@ -137,7 +143,7 @@ def _secret(config: ArenaConfig) -> bytes:
 
 
 def create_app(config: ArenaConfig, admin_token: str) -> FastAPI:
-    from eval.arena.pairs import EvalPairs, Painter
+    from pickalign.eval.arena.pairs import EvalPairs, Painter
 
     Path(config.images_dir).mkdir(parents=True, exist_ok=True)
     engine = open_engine(config.database)
@@ -278,7 +284,7 @@ def create_app(config: ArenaConfig, admin_token: str) -> FastAPI:
     def export_zip(request: Request):
         import shutil
 
-        from eval.arena.export import export
+        from pickalign.eval.arena.export import export
 
         check_admin(request)
         # Built in a temporary folder that goes once the zip is sent (or the export fails):

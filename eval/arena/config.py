@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from reward.runtime import ConfigError, check_fields
+from pickalign.config import ConfigError, check_fields
 
 
 @dataclass

@@ -75,9 +75,9 @@ def export(
     """Write the dataset and the judgments table under ``out``; returns rows per split."""
     import pandas as pd
 
-    from eval.arena.store import all_judgments
-    from reward.data import unique_prompt_rows, write_split
-    from reward.runtime import atomic_path
+    from pickalign.eval.arena.store import all_judgments
+    from pickalign.reward.data import unique_prompt_rows, write_split
+    from pickalign.runtime import atomic_path
 
     out = Path(out)
     judgments = all_judgments(engine)

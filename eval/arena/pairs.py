@@ -1,7 +1,7 @@
 """Where the arena's images come from.
 
 ``Painter`` (generate mode): a configured model, chosen at random, draws the prompt from a random
-seed through ``align.sampler``; pipelines load once and draw one image at a time under a lock.
+seed through ``pickalign.align.sampler``; pipelines load once and draw one image at a time under a lock.
 ``EvalPairs`` (compare mode): two different models' images of the same item of an evaluation's
 manifest, chosen at random; an image enters the database once, keyed by its manifest path.
 """
@@ -13,7 +13,7 @@ import random
 import threading
 from pathlib import Path
 
-from eval.arena.store import add_image, image_for_source
+from pickalign.eval.arena.store import add_image, image_for_source
 
 
 class Painter:
@@ -27,7 +27,7 @@ class Painter:
         if spec.name not in self.pipelines:
             import torch
 
-            from eval.generate import ModelSpec, load_pipeline
+            from pickalign.eval.generate import ModelSpec, load_pipeline
 
             model = ModelSpec(spec.name, spec.model, lora=spec.lora, lora_scale=spec.lora_scale)
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -36,7 +36,7 @@ class Painter:
 
     def draw(self, prompt: str) -> str:
         """A new image of ``prompt`` by a random model; its uid."""
-        from align.sampler import generate
+        from pickalign.align.sampler import generate
 
         spec = self.random.choice(self.config.models)
         seed = self.random.randrange(2**31)

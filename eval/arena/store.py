@@ -97,7 +97,7 @@ def open_engine(url: str):
 
 def add_image(engine, images_dir: Path, image, prompt: str, model: str, seed=None, source=None):
     """Store ``image`` (PIL) as ``images_dir/<uid>.png`` and its row; returns the uid."""
-    from reward.runtime import atomic_path
+    from pickalign.runtime import atomic_path
 
     uid = new_uid()
     with atomic_path(Path(images_dir) / f"{uid}.png") as tmp:

@@ -8,7 +8,7 @@ included), like Pick-a-Pic's pairs from different models:
 - ``toy-sd`` / ``toy-sdxl``: the toy base models' own samples (the shipped ones, or pipelines
   named with ``with_base_models``, say a base retrained with ``recipes/pretrain_toy.py``).
 
-Prompts of train, validation and test are disjoint (``reward.toyworld.prompt_splits``);
+Prompts of train, validation and test are disjoint (``pickalign.reward.toyworld.prompt_splits``);
 ``validation_unique`` and ``test_unique`` keep one example per prompt of validation and test,
 as the paper built them. The same seed gives byte-identical files.
 """
@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from align.sampler import generate
-from reward.data import unique_prompt_rows, write_split
-from reward.toyworld import COLOURS, SHAPES, Attributes, prefer, prompt_splits, render
+from pickalign.align.sampler import generate
+from pickalign.reward.data import unique_prompt_rows, write_split
+from pickalign.reward.toyworld import COLOURS, SHAPES, Attributes, prefer, prompt_splits, render
 
 TOY_MODELS = Path(__file__).parent / "assets"
 RENDER_SOURCES = {"render": 0, "render-wrong-1": 1, "render-wrong-2": 2}

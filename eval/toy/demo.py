@@ -8,7 +8,7 @@
    shortened).
 4. Online best-of-n distillation with the toy PickScore in the loop
    (``recipes/configs/reward_weighted/toy_sdxl_best_of_n.yaml``, shortened).
-5. The evaluation report (``eval.suite``): base, DPO, online and best-of-4 ranking of the base
+5. The evaluation report (``pickalign.eval.suite``): base, DPO, online and best-of-4 ranking of the base
    on held-out prompts, scored by the toy PickScore and by the oracle.
 
 Every stage keeps its output under ``--out``; a rerun skips the stages already done.
@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from eval.toy.data import generate_toy_dataset, shipped_toy_models
+from pickalign.eval.toy.data import generate_toy_dataset, shipped_toy_models
 
 REPO = Path(__file__).resolve().parents[2]
 REWARD = "pickscore:eval/toy/assets/pickscore"
@@ -44,8 +44,8 @@ def _done(started: float) -> None:
 def _train(recipe_config: str, kind, family: str, overrides: dict) -> Path:
     """A toy recipe's config with ``overrides``, trained in this process; its final/ folder.
     A finished run (final/ present) is not trained again."""
-    from eval.toy.judge import ToyJudgeConfig
-    from reward.runtime import parse_config
+    from pickalign.config import parse_config
+    from pickalign.eval.toy.judge import ToyJudgeConfig
 
     args = ["--config", str(REPO / recipe_config)]
     args += [f"--{key}={value}" for key, value in overrides.items()]
@@ -55,22 +55,22 @@ def _train(recipe_config: str, kind, family: str, overrides: dict) -> Path:
         print(f"   already trained: {final}")
         return final
     print("   accelerate launch " + " ".join(args).replace(str(REPO) + "/", ""))
-    from align.dpo import DPOConfig
+    from pickalign.align.dpo import DPOConfig
 
     if kind is DPOConfig:
-        from align.dpo import train
+        from pickalign.align.dpo import train
     else:
-        from align.reward_weighted import train
+        from pickalign.align.reward_weighted import train
     return train(config, family)
 
 
 def run_demo(out: str | Path = "outputs/demo") -> Path:
     """Run the stages (see the module docstring); returns the report's path."""
-    from align.dpo import DPOConfig
-    from align.reward_weighted import RewardWeightedConfig
-    from eval.generate import ModelSpec
-    from eval.suite import EvalConfig, evaluate
-    from reward.data import inspect_split
+    from pickalign.align.dpo import DPOConfig
+    from pickalign.align.reward_weighted import RewardWeightedConfig
+    from pickalign.eval.generate import ModelSpec
+    from pickalign.eval.suite import EvalConfig, evaluate
+    from pickalign.reward.data import inspect_split
 
     out = Path(out).resolve()
     begun = time.perf_counter()

@@ -10,9 +10,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from eval.winrate import win_rate
-from reward.runtime import atomic_write_json, atomic_write_text, check_fields
-from reward.toyworld import ATTRIBUTE_NAMES, adherence, all_attributes, judge, read_image, render
+from pickalign.config import check_fields
+from pickalign.eval.winrate import win_rate
+from pickalign.reward.toyworld import (
+    ATTRIBUTE_NAMES,
+    adherence,
+    all_attributes,
+    judge,
+    read_image,
+    render,
+)
+from pickalign.runtime import atomic_write_json, atomic_write_text
 
 
 def held_out_split(split: str) -> str:
@@ -37,9 +45,9 @@ def sample_held_out(
     prompts of ``split`` ("test" for figures, "validation" for choices), seed
     ``first_seed + k * seeds_per_prompt + j`` for prompt k, so every model compared sees the same
     noise. Returns the prompt of each image and the images. ``conditioning``: embeddings to
-    sample with instead of the pipeline's own encoding (``align.sampler.generate``)."""
-    from align.sampler import generate
-    from reward.toyworld import prompt_splits
+    sample with instead of the pipeline's own encoding (``pickalign.align.sampler.generate``)."""
+    from pickalign.align.sampler import generate
+    from pickalign.reward.toyworld import prompt_splits
 
     held_out = prompt_splits()[held_out_split(split)][:prompts]
     texts = [a.prompt for a in held_out for _ in range(seeds_per_prompt)]
@@ -135,17 +143,17 @@ def aligned_vs_base(
     on one kind of device; a GPU run's images differ from a CPU run's.
 
     ``aligned`` is a folder with ``pytorch_lora_weights.safetensors`` (loaded with
-    ``align.lora.load_lora``) or a ``unet`` subfolder (full fine-tuning), or a list of such
+    ``pickalign.align.lora.load_lora``) or a ``unet`` subfolder (full fine-tuning), or a list of such
     folders (say, a run's checkpoints): the base is then sampled once and a list of reports, one
     per folder, comes back. Prompt k of ``split`` ("test" for reported figures, "validation" for
     choosing settings) is sampled with seeds k * seeds_per_prompt + j for every model.
-    ``reward`` (a spec for ``align.rewards.load_reward``, say the run's learned reward) also
+    ``reward`` (a spec for ``pickalign.reward.registry.load_reward``, say the run's learned reward) also
     scores both image sets: its mean on base and aligned, beside the oracle's verdict.
     """
     import torch
     from diffusers import DiffusionPipeline, UNet2DConditionModel
 
-    from align.lora import WEIGHT_NAME, load_lora
+    from pickalign.align.lora import WEIGHT_NAME, load_lora
 
     held_out_split(split)
     folders = [Path(aligned)] if isinstance(aligned, (str, Path)) else [Path(a) for a in aligned]
@@ -156,7 +164,7 @@ def aligned_vs_base(
     base_unet, reports = pipe.unet, []
     scorer = None
     if reward:
-        from align.rewards import load_reward
+        from pickalign.reward.registry import load_reward
 
         scorer = load_reward(reward, device)
         base_reward = float(scorer.score(texts, base_images).mean())
@@ -206,16 +214,16 @@ def ranking_vs_single(
     lora: str | Path | None = None,
 ) -> dict:
     """Best-of-n ranking in the toy world: for each held-out prompt, n candidates (seeds 0..n-1)
-    ranked by ``reward`` (``align.rank.best_of_n``); the oracle's win rate of the best candidate
+    ranked by ``reward`` (``pickalign.align.rank.best_of_n``); the oracle's win rate of the best candidate
     over candidate 0 (the one sample a user would otherwise get), and of the oracle's own best
     of the same candidates over candidate 0 (the ceiling of ranking)."""
     from diffusers import DiffusionPipeline
 
-    from align.lora import load_lora
-    from align.models import parts_from_pipeline
-    from align.rank import best_of_n
-    from align.rewards import load_reward
-    from reward.toyworld import prompt_splits
+    from pickalign.align.lora import load_lora
+    from pickalign.align.models import parts_from_pipeline
+    from pickalign.align.rank import best_of_n
+    from pickalign.reward.registry import load_reward
+    from pickalign.reward.toyworld import prompt_splits
 
     texts = [a.prompt for a in prompt_splits()[held_out_split(split)][:prompts]]
     pipe = DiffusionPipeline.from_pretrained(base)

@@ -25,12 +25,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from align.models import Conditioning, unconditional, zeros_for_empty_prompt
-from align.text import sd_context, sdxl_context, sdxl_time_ids, tokenize
-from align.tiny import save_pipeline
-from eval.toy.judge import judged_adherence, sample_held_out
-from reward.runtime import (
-    RunConfig,
+from pickalign.align.models import Conditioning, unconditional, zeros_for_empty_prompt
+from pickalign.align.text import sd_context, sdxl_context, sdxl_time_ids, tokenize
+from pickalign.align.tiny import save_pipeline
+from pickalign.config import RunConfig
+from pickalign.eval.toy.judge import judged_adherence, sample_held_out
+from pickalign.reward.toyworld import IMAGE_SIZE, all_attributes, prompt_splits, render
+from pickalign.runtime import (
     atomic_path,
     atomic_write_json,
     check_finite,
@@ -43,7 +44,6 @@ from reward.runtime import (
     warmup_schedule,
     write_config,
 )
-from reward.toyworld import IMAGE_SIZE, all_attributes, prompt_splits, render
 
 LATENT_SIZE = IMAGE_SIZE // 4
 VALIDATION_FILE = "pretraining_validation.json"  # in the saved pipeline folder
@@ -177,14 +177,14 @@ def toy_unet(family: str, channels: list[int]):
 def toy_scheduler():
     """DDIM with "leading" spacing and steps_offset=1: sampling never starts at a signal-free
     timestep. The same scheduler as the tiny test pipelines."""
-    from align.tiny import tiny_scheduler
+    from pickalign.align.tiny import tiny_scheduler
 
     return tiny_scheduler()
 
 
 def text_components(family: str, folder: Path, seed: int) -> dict:
-    from align.tiny import _text_encoder
-    from reward.tokenizer import build_clip_tokenizer
+    from pickalign.align.tiny import _text_encoder
+    from pickalign.reward.tokenizer import build_clip_tokenizer
 
     torch.manual_seed(seed + 1000)
     tokenizer = build_clip_tokenizer(folder / "tokenizer")

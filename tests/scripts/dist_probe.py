@@ -1,4 +1,4 @@
-"""Trains a small linear model for a few steps through reward.runtime and reports, per rank,
+"""Trains a small linear model for a few steps through pickalign.runtime and reports, per rank,
 the world size and a checksum of the parameters. Launched by tests in 2 processes."""
 
 import json
@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from reward.runtime import RunConfig, make_accelerator, seed_everything
+from pickalign.config import RunConfig
+from pickalign.runtime import make_accelerator, seed_everything
 
 
 def main(out: str) -> None:

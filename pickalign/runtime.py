@@ -1,5 +1,6 @@
-"""Run infrastructure every recipe uses: config parsing, the accelerator, seeding, progress,
-tracking, checkpoints with rotation and resume, and atomic final artefacts.
+"""Run infrastructure every recipe uses: the accelerator, seeding, progress, tracking,
+checkpoints with rotation and resume, one-line command-line errors, and atomic outputs (configs
+themselves: ``pickalign.config``).
 
 Plain functions, no trainer class: a recipe's loop stays visible in its own module.
 
@@ -11,176 +12,22 @@ size), and DeepSpeed needs ``train_micro_batch_size_per_gpu`` when no DataLoader
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
 import json
 import os
 import shutil
 import tempfile
-import types
-import typing
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 import yaml
 
+from pickalign.config import RunConfig, config_to_dict
+
 T = TypeVar("T")
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "run_state.json"
-
-
-class ConfigError(ValueError):
-    """A setting that cannot work: names the field, the value and what is allowed."""
-
-
-def in_range(value, spec: str) -> bool:
-    """``value`` against a range written next to its field: ``"> 0"``, ``">= 1"``, ``"[0, 1]"``,
-    ``"[0, 1)"``, ``"(0, 1]"``; lists are checked item by item."""
-    if isinstance(value, (list, tuple)):
-        return all(in_range(item, spec) for item in value)
-    if spec[0] in "[(":
-        low, high = (float(x) for x in spec[1:-1].split(","))
-        above = value >= low if spec[0] == "[" else value > low
-        below = value <= high if spec[-1] == "]" else value < high
-        return above and below
-    op, bound = spec.split()
-    return {">": value > float(bound), ">=": value >= float(bound)}[op]
-
-
-def check_fields(config) -> None:
-    """Refuse a value outside its field's declared ``range`` or ``choices`` (field metadata).
-    None is always allowed for an optional field; it means "off" or "the default"."""
-    for item in dataclasses.fields(config):
-        value = getattr(config, item.name)
-        if value is None:
-            continue
-        choices = item.metadata.get("choices")
-        if choices is not None and value not in choices:
-            allowed = ", ".join(map(str, choices))
-            raise ConfigError(f"{item.name}: got {value!r}, expected one of {allowed}")
-        spec = item.metadata.get("range")
-        if spec is not None and not in_range(value, spec):
-            raise ConfigError(f"{item.name}: got {value!r}, expected {spec}")
-
-
-@dataclass
-class RunConfig:
-    """Settings shared by every recipe. Algorithm configs add their own fields to these.
-
-    Each field declares what it accepts next to it (metadata ``range`` or ``choices``); values
-    are checked when the config is made, before anything loads. Subclasses check combinations
-    in their own ``__post_init__`` after calling this one.
-    """
-
-    output_dir: str = field(
-        default="outputs/run",
-        metadata={"help": "Folder for checkpoints, logs and final artefacts."},
-    )
-    seed: int = field(
-        default=0, metadata={"help": "Base seed; each process adds its rank.", "range": ">= 0"}
-    )
-    max_steps: int = field(
-        default=100, metadata={"help": "Optimizer steps to train for.", "range": "> 0"}
-    )
-    mixed_precision: str = field(
-        default="no",
-        metadata={
-            "help": "Overrides the launch config ('auto': keep the launch config's).",
-            "choices": ("no", "bf16", "fp16", "auto"),
-        },
-    )
-    gradient_accumulation_steps: int = field(
-        default=1,
-        metadata={"help": "Micro-batches accumulated per optimizer step.", "range": "> 0"},
-    )
-    report_to: str = field(
-        default="tensorboard",
-        metadata={"help": "A tracker accelerate knows ('tensorboard', 'wandb', ...) or 'none'."},
-    )
-    logging_steps: int = field(
-        default=10, metadata={"help": "Log metrics every N steps.", "range": "> 0"}
-    )
-    checkpointing_steps: int = field(
-        default=500,
-        metadata={"help": "Save a resumable checkpoint every N steps (0: never).", "range": ">= 0"},
-    )
-    checkpoints_total_limit: int = field(
-        default=3,
-        metadata={
-            "help": "Keep at most this many checkpoints (oldest are deleted).",
-            "range": "> 0",
-        },
-    )
-    resume_from_checkpoint: str | None = field(
-        default=None,
-        metadata={"help": "A checkpoint folder, or 'latest' for the newest in output_dir."},
-    )
-
-    def __post_init__(self):
-        # An optional field takes 'none' or '' for None, so the command line can switch off
-        # what a config file sets (e.g. a cache folder).
-        hints = typing.get_type_hints(type(self))
-        for item in dataclasses.fields(self):
-            value = getattr(self, item.name)
-            optional = type(None) in typing.get_args(hints[item.name])
-            if optional and isinstance(value, str) and value.lower() in ("", "none"):
-                setattr(self, item.name, None)
-        check_fields(self)
-
-
-# ----------------------------------------------------------------------------------------------
-# Configs
-
-
-def parse_config(config_type, args: list[str] | None = None):
-    """Parse ``--config file.yaml`` plus ``--flag value`` overrides into ``config_type``, or into
-    each of a tuple of config types (returned as a tuple; a key goes to the type that has it).
-
-    Unknown keys in the YAML or on the command line, and values a field does not accept, are
-    one-line errors that name them (exit status 2). ``--help`` lists every field with its help
-    text, its default and what it accepts. A field that may be None takes ``none`` or ``''``.
-    """
-    types_ = list(config_type) if isinstance(config_type, tuple) else [config_type]
-    parser = _config_parser(types_)
-    try:
-        configs = parser.parse_args_and_config(args=args)
-    except (ValueError, OSError) as error:  # unknown keys, bad values, a missing config file
-        parser.error(str(error))
-    return tuple(configs) if isinstance(config_type, tuple) else configs[0]
-
-
-def _config_parser(config_types: list):
-    from transformers import HfArgumentParser
-    from trl import TrlParser
-
-    class ConfigParser(TrlParser):
-        @staticmethod
-        def _parse_dataclass_field(parser, item: dataclasses.Field):
-            # ``range`` and ``choices`` are checked by the config itself (values from a YAML file
-            # never pass argparse's checks); here they only join the help text.
-            metadata = dict(item.metadata)
-            accepts = [metadata.pop("range", None)]
-            choices = metadata.pop("choices", None)
-            if choices:
-                accepts.append("one of " + ", ".join(map(str, choices)))
-            accepts = "; ".join(a for a in accepts if a)
-            if accepts:
-                metadata["help"] = f"{metadata.get('help', '')} [{accepts}]".strip()
-            item = copy.copy(item)
-            item.metadata = types.MappingProxyType(metadata)
-            HfArgumentParser._parse_dataclass_field(parser, item)
-
-        def error(self, message):  # one line, no usage block
-            self.exit(2, f"{self.prog}: error: {message}\n")
-
-    return ConfigParser(config_types)
-
-
-def config_to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
 
 
 def write_config(config: Any, output_dir: str | Path, name: str = "config.yaml") -> Path:

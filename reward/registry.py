@@ -1,7 +1,7 @@
 """Rewards for the online methods, named in a config by one string:
 
-- ``toy-oracle``: the toy world's ground truth (``reward.toyworld.OracleReward``);
-- ``pickscore`` or ``pickscore:<model>``: ``reward.PickScore`` in this process (a Hub id or a
+- ``toy-oracle``: the toy world's ground truth (``pickalign.reward.toyworld.OracleReward``);
+- ``pickscore`` or ``pickscore:<model>``: ``pickalign.reward.PickScore`` in this process (a Hub id or a
   folder the reward recipe wrote; default PickScore_v1), scoring decoded tensors directly;
 - ``clip`` or ``clip:<model>``: CLIP score, 100 * max(cos, 0) (default CLIP ViT-L/14);
 - ``aesthetic:<weights.pth>`` or ``aesthetic:<weights.pth>:<clip model>``: the LAION aesthetic
@@ -41,20 +41,20 @@ class CallableReward:
 def load_reward(spec: str, device=None):
     """The reward ``spec`` names (see the module docstring)."""
     if spec == "toy-oracle":
-        from reward.toyworld import OracleReward
+        from pickalign.reward.toyworld import OracleReward
 
         return OracleReward()
     if spec == "pickscore" or spec.startswith("pickscore:"):
-        from reward.pickscore import PICKSCORE_MODEL, PickScore
+        from pickalign.reward.pickscore import PICKSCORE_MODEL, PickScore
 
         model = spec.partition(":")[2] or PICKSCORE_MODEL
         return PickScore.from_pretrained(model, device=device)
     if spec == "clip" or spec.startswith("clip:"):
-        from reward.scorers import CLIP_SCORE_MODEL, ClipScore
+        from pickalign.reward.scorers import CLIP_SCORE_MODEL, ClipScore
 
         return ClipScore.from_pretrained(spec.partition(":")[2] or CLIP_SCORE_MODEL, device)
     if spec.startswith("aesthetic:"):
-        from reward.scorers import CLIP_SCORE_MODEL, AestheticScore
+        from pickalign.reward.scorers import CLIP_SCORE_MODEL, AestheticScore
 
         weights, _, clip = spec.removeprefix("aesthetic:").partition(":")
         return AestheticScore.from_files(weights, clip or CLIP_SCORE_MODEL, device)

@@ -24,8 +24,8 @@ from pathlib import Path
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from reward.data import BadRowError, PairFilter, inspect_split
-    from reward.sources import require
+    from pickalign.reward.data import BadRowError, PairFilter, inspect_split
+    from pickalign.reward.sources import require
 
     require(args.source, "dataset", "source")
 
@@ -54,8 +54,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _build_models(args: argparse.Namespace) -> int:
-    from align.tiny import build_tiny_sd, build_tiny_sdxl
-    from reward.tiny import build_tiny_clip
+    from pickalign.align.tiny import build_tiny_sd, build_tiny_sdxl
+    from pickalign.reward.tiny import build_tiny_clip
 
     out = Path(args.out)
     for name, build in (
@@ -76,7 +76,7 @@ def _key_values(items: list[str], flag: str, cast=str) -> dict:
 
 
 def _toy_data(args: argparse.Namespace) -> int:
-    from eval.toy.data import generate_toy_dataset, with_base_models
+    from pickalign.eval.toy.data import generate_toy_dataset, with_base_models
 
     base = {} if args.renders_only else None
     if args.base_model:
@@ -100,11 +100,11 @@ def _toy_data(args: argparse.Namespace) -> int:
 
 
 def _oracle_check(args: argparse.Namespace) -> int:
-    from eval.toy.judge import oracle_accuracy
+    from pickalign.eval.toy.judge import oracle_accuracy
 
     print("renders:", oracle_accuracy(args.renders, args.seed))
     if args.vae:
-        from eval.toy.pretrain import vae_round_trip
+        from pickalign.eval.toy.pretrain import vae_round_trip
 
         result = oracle_accuracy(args.renders, args.seed, vae_round_trip(args.vae))
         print("VAE reconstructions:", result)
@@ -116,12 +116,12 @@ def _toy_eval(args: argparse.Namespace) -> int:
 
     from diffusers import DiffusionPipeline
 
-    from reward.sources import require
+    from pickalign.reward.sources import require
 
     for name in [args.model] + ([args.against] if args.against else []):
         require(name, "pipeline", "model")
     if args.aligned:
-        from eval.toy.judge import aligned_vs_base
+        from pickalign.eval.toy.judge import aligned_vs_base
 
         aligned = args.aligned[0] if len(args.aligned) == 1 else args.aligned
         report = aligned_vs_base(
@@ -135,7 +135,7 @@ def _toy_eval(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
 
-    from eval.toy.judge import oracle_compare, sample_held_out
+    from pickalign.eval.toy.judge import oracle_compare, sample_held_out
 
     def sample(folder):
         pipe = DiffusionPipeline.from_pretrained(folder)
@@ -155,9 +155,9 @@ def _toy_eval(args: argparse.Namespace) -> int:
 def _toy_rank(args: argparse.Namespace) -> int:
     import json
 
-    from eval.toy.judge import ranking_vs_single
-    from reward.runtime import atomic_write_json
-    from reward.sources import require
+    from pickalign.eval.toy.judge import ranking_vs_single
+    from pickalign.reward.sources import require
+    from pickalign.runtime import atomic_write_json
 
     require(args.model, "pipeline", "model")
     report = ranking_vs_single(
@@ -176,8 +176,8 @@ def _toy_rank(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from reward.data import BadImageError, decode_image
-    from reward.pickscore import PickScore
+    from pickalign.reward.data import BadImageError, decode_image
+    from pickalign.reward.pickscore import PickScore
 
     images = []
     for path in args.images:
@@ -202,9 +202,9 @@ def _score(args: argparse.Namespace) -> int:
 def _reward_eval(args: argparse.Namespace) -> int:
     import json
 
-    from reward.evaluate import evaluate_reward
-    from reward.pickscore import PickScore
-    from reward.sources import require
+    from pickalign.reward.evaluate import evaluate_reward
+    from pickalign.reward.pickscore import PickScore
+    from pickalign.reward.sources import require
 
     require(args.data, "dataset", "data")
     scorer = PickScore.from_pretrained(args.model, args.processor)
@@ -216,12 +216,12 @@ def _reward_eval(args: argparse.Namespace) -> int:
 def _rank(args: argparse.Namespace) -> int:
     from diffusers import DiffusionPipeline
 
-    from align.lora import load_lora
-    from align.models import parts_from_pipeline
-    from align.prompts import load_prompts
-    from align.rank import best_of_n, write_ranking
-    from align.rewards import load_reward
-    from reward.sources import require
+    from pickalign.align.lora import load_lora
+    from pickalign.align.models import parts_from_pipeline
+    from pickalign.align.prompts import load_prompts
+    from pickalign.align.rank import best_of_n, write_ranking
+    from pickalign.reward.registry import load_reward
+    from pickalign.reward.sources import require
 
     require(args.model, "pipeline", "model")
     prompts = list(args.prompt or [])
@@ -260,13 +260,18 @@ def _rank(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
-    from eval.suite import config_help, evaluate, load_config
-
+def _config_args(args: argparse.Namespace, overrides: list[str]) -> list[str]:
+    """What ``parse_config`` reads: ``--config`` and the overrides, or ``--help`` for --fields."""
     if args.fields:
-        print(config_help())
-        return 0
-    report = evaluate(load_config(args.config, overrides))
+        return ["--help"]
+    return (["--config", args.config] if args.config else []) + overrides
+
+
+def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
+    from pickalign.config import parse_config
+    from pickalign.eval.suite import EvalConfig, evaluate
+
+    report = evaluate(parse_config(EvalConfig, _config_args(args, overrides)))
     if report is not None:
         print(f"report: {report.resolve()}")
     return 0
@@ -276,18 +281,15 @@ def _arena(args: argparse.Namespace, overrides: list[str]) -> int:
     import os
     import secrets
 
-    from eval.arena.config import ArenaConfig, ArenaModel
-    from eval.suite import config_help, load_config
+    from pickalign.config import parse_config
+    from pickalign.eval.arena.config import ArenaConfig
 
-    if args.fields:
-        print(config_help(ArenaConfig, ("models", ArenaModel)))
-        return 0
-    if not args.config:
+    if not args.config and not args.fields:
         raise SystemExit("pickalign arena: give --config arena.yaml (--fields lists its fields)")
-    config = load_config(args.config, overrides, ArenaConfig)
+    config = parse_config(ArenaConfig, _config_args(args, overrides))
     if args.export:
-        from eval.arena.export import export
-        from eval.arena.store import open_engine
+        from pickalign.eval.arena.export import export
+        from pickalign.eval.arena.store import open_engine
 
         sizes = export(
             open_engine(config.database),
@@ -302,7 +304,7 @@ def _arena(args: argparse.Namespace, overrides: list[str]) -> int:
         return 0
     import uvicorn
 
-    from eval.arena.app import create_app
+    from pickalign.eval.arena.app import create_app
 
     token = config.admin_token or os.environ.get("PICKALIGN_ARENA_TOKEN") or secrets.token_hex(16)
     app = create_app(config, token)
@@ -314,7 +316,7 @@ def _arena(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from eval.toy.demo import run_demo
+    from pickalign.eval.toy.demo import run_demo
 
     run_demo(args.out)
     return 0
@@ -486,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from reward.runtime import run_cli
+    from pickalign.runtime import run_cli
 
     def run(argv: list[str]) -> int:
         args, rest = build_parser().parse_known_args(argv)

@@ -1,0 +1,7 @@
+"""``python -m pickalign``: the ``pickalign`` command."""
+
+import sys
+
+from pickalign.cli import main
+
+sys.exit(main())
