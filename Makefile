@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m pickalign.cli demo
+	$(BIN)/python -m pickalign demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

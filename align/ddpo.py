@@ -21,7 +21,7 @@ import torch
 
 from pickalign.align.advantages import PromptStats, group_advantages
 from pickalign.align.lora import adapters_disabled
-from pickalign.align.losses import ppo_clip_loss
+from pickalign.align.losses import gaussian_kl, ppo_clip_loss
 from pickalign.align.online import (
     OnlineConfig,
     end_round,
@@ -101,9 +101,11 @@ class DDPOConfig(OnlineConfig):
 
 
 def advantages_for_round(config: DDPOConfig, stats: PromptStats, prompts, rewards) -> torch.Tensor:
-    """Advantages of every process's samples (the gathered ``prompts`` and ``rewards``)."""
+    """Advantages of every process's samples (the gathered ``prompts`` and ``rewards``). A
+    group is a block of ``group_size`` samples drawn together for one prompt, in the order
+    ``round_prompts`` lays them out, so a prompt drawn twice in a round makes two groups."""
     if config.advantages == "group":
-        return group_advantages(rewards, prompts)
+        return group_advantages(rewards, [i // config.group_size for i in range(len(rewards))])
     return stats.advantages(prompts, rewards)
 
 
@@ -132,8 +134,7 @@ def ppo_step(unet, parts, trajectory, steps, advantages, config: DDPOConfig, ref
     if reference is not None:
         with torch.no_grad():
             ref = reference(trajectory, steps)
-        dims = tuple(range(1, policy.mean.ndim))
-        kl = ((policy.mean - ref.mean) ** 2).mean(dim=dims) / (2 * policy.std**2)
+        kl = gaussian_kl(policy.mean, ref.mean, policy.std)
         figures["kl"] = kl.mean().detach()
         figures["loss"] = terms.loss + config.kl_coef * kl.mean()
     return figures

@@ -28,6 +28,7 @@ from pickalign.align.finetune import (
     make_optimizer_and_schedule,
     make_reference,
     resume,
+    scaled_learning_rate,
     setup_unet,
 )
 from pickalign.align.losses import diffusion_dpo_loss, per_sample_mse, prediction_target
@@ -47,12 +48,11 @@ from pickalign.runtime import (
     EpochBatches,
     EpochSampler,
     append_log,
-    atomic_path,
-    atomic_write_json,
     check_finite,
     make_accelerator,
     mean_figures,
     progress_bar,
+    publish,
     save_checkpoint,
     seed_everything,
     write_config,
@@ -181,13 +181,16 @@ def release(accelerator, unet, config: DPOConfig, ema=None, trainable=()):
     return release_writer(accelerator, unet, config.mode, info, ema, trainable)
 
 
-def card(config: DPOConfig, family: str, metrics: dict) -> str:
+def card(config: DPOConfig, family: str, metrics: dict, world: int) -> str:
     training = [
         f"loss: {config.loss}, beta {config.beta}, resolution {config.resolution}",
         f"{config.batch_size * config.gradient_accumulation_steps} pairs per process per step",
     ]
+    if config.ema_decay:
+        training.append(f"released weights: moving average, decay {config.ema_decay}")
     source = f"`{config.dataset}` ({config.split})"
-    return model_card("Diffusion-DPO", config, family, training, metrics, source)
+    rate = scaled_learning_rate(config, config.batch_size, world)
+    return model_card("Diffusion-DPO", config, family, training, metrics, source, rate)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,7 +215,9 @@ def train(config: DPOConfig, family: str) -> Path:
     if accelerator.is_main_process:
         write_config(config, out)
     seed_everything(config.seed, accelerator)
-    parts, unet, trainable, reference_unet, weight_dtype = setup_unet(config, family, accelerator)
+    parts, unet, trainable, reference_unet, weight_dtype = setup_unet(
+        config, family, accelerator, reference=True, offload_reference=config.reference_offload
+    )
 
     dataset = make_pair_dataset(config, parts, accelerator)
     accelerator.print(f"training data: {dataset.report.one_line()}")
@@ -359,10 +364,7 @@ def train(config: DPOConfig, family: str) -> Path:
         metrics["validation"] = {"split": config.validation_split, "step": step, **figures}
     writer = release(accelerator, unet, config, ema, trainable)
     if accelerator.is_main_process:
-        with atomic_path(final) as tmp:
-            writer(tmp)
-            atomic_write_json(tmp / "metrics.json", metrics)
-            (tmp / "README.md").write_text(card(config, family, metrics))
+        publish(final, writer, metrics, card(config, family, metrics, accelerator.num_processes))
         accelerator.print(f"aligned {family.upper()} {config.mode}: {final}\n{metrics}")
     accelerator.end_training()
     return final

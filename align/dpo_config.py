@@ -27,8 +27,7 @@ class DPOConfig(PairDataConfig, UNetTuneConfig):
             "help": "Weight of the unconditional anchor: with caption_dropout, the pairs given the "
             "unconditional embedding are not trained with DPO; instead the policy's prediction "
             "there is held at the reference's (MSE), so the branch that guidance subtracts does "
-            "not drift. 0: the paper's caption dropout. Measured on the toy world (toy-sd, "
-            "guidance 5): 0.506 without, 0.550 with caption_dropout 0.25 and weight 1000.",
+            "not drift. 0: the paper's caption dropout.",
         },
     )
     loss: str = field(
@@ -61,6 +60,24 @@ class DPOConfig(PairDataConfig, UNetTuneConfig):
             "range": ">= 0",
             "help": "Validate every N optimizer steps (0: only at the end).",
         },
+    )
+    reference_offload: bool = field(
+        default=False,
+        metadata={"help": "Full mode: keep the reference UNet on the CPU between uses."},
+    )
+    ema_decay: float = field(
+        default=0.0,
+        metadata={
+            "range": "[0, 1)",
+            "help": "Keep an exponential moving average of the trained weights (the LoRA, or the "
+            "UNet in full mode) with this decay, e.g. 0.99, and validate, checkpoint-release and "
+            "save it instead of the last weights (0: off). Its early steps average faster "
+            "(decay (1+n)/(10+n) until that is higher). Holds a second copy of the trained "
+            "weights. Not with DeepSpeed ZeRO-3.",
+        },
+    )
+    num_workers: int = field(
+        default=0, metadata={"range": ">= 0", "help": "DataLoader worker processes."}
     )
     validation_pairs: int = field(
         default=512,

@@ -52,21 +52,6 @@ class UNetTuneConfig(RunConfig):
         default_factory=lambda: list(DEFAULT_TARGETS),
         metadata={"help": "UNet module names that get LoRA adapters."},
     )
-    reference_offload: bool = field(
-        default=False,
-        metadata={"help": "Full mode: keep the reference UNet on the CPU between uses."},
-    )
-    ema_decay: float = field(
-        default=0.0,
-        metadata={
-            "range": "[0, 1)",
-            "help": "Keep an exponential moving average of the trained weights (the LoRA, or the "
-            "UNet in full mode) with this decay, e.g. 0.99, and validate, checkpoint-release and "
-            "save it instead of the last weights (0: off). Its early steps average faster "
-            "(decay (1+n)/(10+n) until that is higher). Holds a second copy of the trained "
-            "weights. Not with DeepSpeed ZeRO-3.",
-        },
-    )
     learning_rate: float = field(default=1e-8, metadata={"range": "> 0", "help": "Learning rate."})
     scale_lr: bool = field(
         default=False,
@@ -105,9 +90,6 @@ class UNetTuneConfig(RunConfig):
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Trade compute for memory."}
     )
-    num_workers: int = field(
-        default=0, metadata={"range": ">= 0", "help": "DataLoader worker processes."}
-    )
 
 
 def accumulation_steps(per_step: int, batch_size: int, name: str) -> int:
@@ -125,11 +107,19 @@ def _deepspeed(accelerator) -> bool:
     return accelerator.distributed_type.value == "DEEPSPEED"
 
 
-def setup_unet(config: UNetTuneConfig, family: str, accelerator):
+def setup_unet(
+    config: UNetTuneConfig,
+    family: str,
+    accelerator,
+    reference: bool = False,
+    offload_reference: bool = False,
+):
     """Load the base model's parts and make its UNet trainable: LoRA adapters (the frozen base
     loads straight into half precision under mixed precision, no transient fp32 copy), or the
-    whole UNet with a frozen copy as reference (fp32 master weights). Returns ``(parts, unet,
-    trainable parameters, reference UNet or None, weight dtype)``."""
+    whole UNet (fp32 master weights), with a frozen copy as the reference when ``reference``
+    (kept on the CPU between uses with ``offload_reference``; in LoRA mode the reference is the
+    same UNet with its adapters off, so no copy is made). Returns ``(parts, unet, trainable
+    parameters, reference UNet or None, weight dtype)``."""
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
         accelerator.mixed_precision, torch.float32
     )
@@ -151,36 +141,39 @@ def setup_unet(config: UNetTuneConfig, family: str, accelerator):
             skip_lora_input_casts(unet)  # every forward runs under accelerate's autocast
         trainable = lora_parameters(unet)
     else:
+        trainable = list(unet.parameters())
+    if reference and config.mode == "full":
         reference_unet = copy.deepcopy(unet).requires_grad_(False).eval()
-        reference_unet.to("cpu" if config.reference_offload else accelerator.device)
+        reference_unet.to("cpu" if offload_reference else accelerator.device)
         for module in reference_unet.modules():
             # Autocast runs normalisations in fp32, the policy's with its fp32 weights: the
             # reference's keep theirs (a few KB), so the two agree exactly at step 0.
             if not isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
                 for parameter in module.parameters(recurse=False):
                     parameter.data = parameter.data.to(weight_dtype)
-        trainable = list(unet.parameters())
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
     return parts, unet, trainable, reference_unet, weight_dtype
 
 
+def scaled_learning_rate(config: UNetTuneConfig, batch_size: int, world: int) -> float:
+    """The rate the optimizer uses: ``learning_rate``, times the examples per optimizer step
+    over all ``world`` processes when ``scale_lr`` (the config itself keeps what was asked)."""
+    if not config.scale_lr:
+        return config.learning_rate
+    return config.learning_rate * batch_size * config.gradient_accumulation_steps * world
+
+
 def make_optimizer_and_schedule(
     config: UNetTuneConfig, trainable, accelerator, batch_size: int, total_steps: int | None = None
 ):
-    """The optimizer over ``trainable`` and its diffusers learning-rate schedule over
-    ``total_steps`` optimizer steps (default ``max_steps``); ``scale_lr`` multiplies the rate by
-    the examples per optimizer step over all processes."""
+    """The optimizer over ``trainable`` at ``scaled_learning_rate`` and its diffusers
+    learning-rate schedule over ``total_steps`` optimizer steps (default ``max_steps``)."""
     from diffusers.optimization import get_scheduler
 
-    if config.scale_lr:
-        config.learning_rate *= (
-            batch_size * config.gradient_accumulation_steps * accelerator.num_processes
-        )
-    optimizer = make_optimizer(
-        config.optimizer, trainable, config.learning_rate, config.weight_decay
-    )
+    rate = scaled_learning_rate(config, batch_size, accelerator.num_processes)
+    optimizer = make_optimizer(config.optimizer, trainable, rate, config.weight_decay)
     scheduler = get_scheduler(
         config.lr_scheduler,
         optimizer,

@@ -100,3 +100,19 @@ def ppo_clip_loss(
     approx_kl = 0.5 * (log_ratio.detach() ** 2).mean()
     clip_fraction = ((ratio.detach() - 1.0).abs() > clip_range).float().mean()
     return PPOTerms(loss, approx_kl, clip_fraction, ratio.detach())
+
+
+def gaussian_kl(
+    mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Tensor
+) -> torch.Tensor:
+    """KL divergence between two Gaussian steps of equal spread, per sample: the policy's
+    N(mean, std^2 I) from the reference's N(reference_mean, std^2 I), averaged over the latent
+    dimensions as the steps' log-probabilities are (Flow-GRPO's KL term):
+
+        kl = mean_d (mean - reference_mean)^2 / (2 std^2)
+
+    ``mean`` and ``reference_mean`` (B, C, h, w), ``std`` (B,) -> (B,). The reference carries no
+    gradient."""
+    dims = tuple(range(1, mean.ndim))
+    squared = ((mean.float() - reference_mean.detach().float()) ** 2).mean(dim=dims)
+    return squared / (2 * std.float() ** 2)

@@ -16,7 +16,13 @@ from pathlib import Path
 
 import torch
 
-from pickalign.align.finetune import UNetTuneConfig, make_optimizer_and_schedule, resume, setup_unet
+from pickalign.align.finetune import (
+    UNetTuneConfig,
+    make_optimizer_and_schedule,
+    resume,
+    scaled_learning_rate,
+    setup_unet,
+)
 from pickalign.align.models import FAMILIES
 from pickalign.align.monitor import Monitor
 from pickalign.align.prompts import load_prompts
@@ -27,9 +33,8 @@ from pickalign.reward.registry import load_reward
 from pickalign.reward.sources import require
 from pickalign.runtime import (
     append_log,
-    atomic_path,
-    atomic_write_json,
     make_accelerator,
+    publish,
     save_checkpoint,
     seed_everything,
     write_config,
@@ -97,8 +102,9 @@ class OnlineConfig(UNetTuneConfig):
         default=1,
         metadata={
             "range": "> 0",
-            "help": "Samples of each prompt drawn together in a round (k); samples_per_round "
-            "must be a multiple.",
+            "help": "A group: the samples of one prompt drawn together in a round (k), side by "
+            "side; advantages (DDPO's 'group') and weights (reward-weighted) compare within it. "
+            "A prompt drawn twice makes two groups. samples_per_round must be a multiple.",
         },
     )
     sample_batch_size: int = field(
@@ -162,7 +168,8 @@ def round_prompts(
     prompts: list[str], config: OnlineConfig, round_: int, rank: int
 ) -> tuple[list[str], list[int]]:
     """This process's prompts and seeds for round ``round_``: ``samples_per_round / group_size``
-    prompts drawn at random, each ``group_size`` times in a row, and a distinct seed per image.
+    prompts drawn at random (a prompt may come twice: two groups), each ``group_size`` times in
+    a row, and a distinct seed per image.
     A function of (seed, round, rank) alone, so a resumed run draws the same."""
     rng = random.Random(hash((config.seed, round_, rank)))
     drawn = rng.choices(prompts, k=config.samples_per_round // config.group_size)
@@ -172,11 +179,20 @@ def round_prompts(
 
 
 def rollout(
-    parts, unet, prompts, seeds, config: OnlineConfig, accelerator, eta=None, guidance=None
+    parts,
+    unet,
+    prompts,
+    seeds,
+    config: OnlineConfig,
+    accelerator,
+    eta=None,
+    guidance=None,
+    keep_trajectory: bool = True,
 ):
     """Sample ``prompts`` with ``unet`` (unwrapped) in batches of ``sample_batch_size``:
     one ``Trajectory`` for all of them. ``eta`` and ``guidance`` override the config's; with
-    eta 0 (as evaluation samples) no log-probabilities are recorded."""
+    eta 0 (as evaluation samples) no log-probabilities are recorded; ``keep_trajectory=False``
+    keeps only the final latents and images."""
     eta = config.eta if eta is None else eta
     guidance = config.guidance_scale if guidance is None else guidance
     batch = config.sample_batch_size
@@ -196,6 +212,7 @@ def rollout(
                     config.resolution,
                     unet=unet,
                     log_probs=eta > 0,
+                    keep_trajectory=keep_trajectory,
                 )
             )
     unet.train(was_training)
@@ -290,7 +307,10 @@ def start_run(config: OnlineConfig, family: str, method: str, accumulation=None)
 
         def sample_as_evaluated(prompts: list[str], seeds: list[int]) -> torch.Tensor:
             guidance = config.monitor_guidance
-            return rollout(parts, policy, prompts, seeds, config, accelerator, 0.0, guidance).images
+            images = rollout(
+                parts, policy, prompts, seeds, config, accelerator, 0.0, guidance, False
+            )
+            return images.images
 
         monitor = Monitor(config, reward, accelerator, sample_as_evaluated)
     run = OnlineRun(
@@ -355,12 +375,10 @@ def finish_run(run: OnlineRun, round_: int, logs: dict, training: list[str], **m
     writer = release_writer(accelerator, run.unet, config.mode, info)
     final = run.out / "final"
     if accelerator.is_main_process:
-        with atomic_path(final) as tmp:
-            writer(tmp)
-            atomic_write_json(tmp / "metrics.json", metrics)
-            source = f"the prompts `{config.prompts}` with the reward `{config.reward}`"
-            card = model_card(run.method, config, run.family, training, metrics, source)
-            (tmp / "README.md").write_text(card)
+        source = f"the prompts `{config.prompts}` with the reward `{config.reward}`"
+        rate = scaled_learning_rate(config, config.train_batch_size, accelerator.num_processes)
+        card = model_card(run.method, config, run.family, training, metrics, source, rate)
+        publish(final, writer, metrics, card)
         accelerator.print(f"aligned {run.family.upper()} {config.mode} ({run.method}): {final}")
     accelerator.end_training()
     return final

@@ -82,19 +82,23 @@ def release_writer(accelerator, unet, mode: str, lora_info: dict, ema=None, trai
 
 
 def model_card(
-    method: str, config, family: str, training: list[str], metrics: dict, source: str
+    method: str,
+    config,
+    family: str,
+    training: list[str],
+    metrics: dict,
+    source: str,
+    learning_rate: float,
 ) -> str:
     """A diffusers model card for a LoRA or UNet trained by ``method`` from ``config`` (a
-    ``UNetTuneConfig``) on ``source`` (the data or prompts, in words); ``training`` adds the
-    method's settings."""
+    ``UNetTuneConfig``) on ``source`` (the data or prompts, in words) at ``learning_rate`` (the
+    optimizer's, after ``scale_lr``); ``training`` adds the method's settings."""
     lora = f", rank {config.lora_rank}, alpha {config.lora_alpha or config.lora_rank}"
     training = [
         f"mode {config.mode}" + (lora if config.mode == "lora" else ""),
-        f"lr {config.learning_rate}, {config.max_steps} steps",
+        f"lr {learning_rate:g}, {config.max_steps} steps",
         *training,
     ]
-    if config.ema_decay:
-        training.append(f"released weights: moving average, decay {config.ema_decay}")
     pipeline = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
     kind = "LoRA" if config.mode == "lora" else "UNet"
     lines = [

@@ -70,14 +70,15 @@ class RewardWeightedConfig(OnlineConfig):
             "help": "Guidance of the samples trained on. 1 (none) samples the model's own "
             "conditional distribution, which reward weighting assumes: training the conditional "
             "UNet on guided samples distils the guidance into it, and guided sampling then "
-            "over-guides (docs/experiments/2026-12-toy-online.md).",
+            "over-guides.",
         },
     )
     group_size: int = field(
         default=4,
         metadata={
             "range": "> 1",
-            "help": "Samples per prompt per round (n); weights compare them.",
+            "help": "Samples per prompt per round (n), a group as in DDPO; weights compare "
+            "within it.",
         },
     )
     regularizer_dataset: str | None = field(
@@ -268,7 +269,10 @@ def train(config: RewardWeightedConfig, family: str) -> Path:
     while round_ < config.max_steps:
         # Sample n per prompt, score, weigh within each prompt's samples.
         prompts, seeds = round_prompts(run.prompts, config, round_, rank)
-        trajectory = rollout(parts, run.policy, prompts, seeds, config, accelerator)
+        # Only x_0 is trained on: no trajectory or log-probabilities are kept.
+        trajectory = rollout(
+            parts, run.policy, prompts, seeds, config, accelerator, keep_trajectory=False
+        )
         rewards, _, all_rewards = score_and_gather(
             accelerator, run.reward, prompts, trajectory.images
         )

@@ -23,8 +23,9 @@ from pickalign.align.models import Conditioning, DiffusionParts, default_time_id
 
 @dataclass
 class Trajectory:
-    """What ``sample`` returns: ``latents`` (B, S + 1, C, h, w) from x_T to x_0, ``log_probs``
-    (B, S) of each step's draw (None when not recorded), ``timesteps`` (S,), ``images``
+    """What ``sample`` returns: ``latents`` (B, S + 1, C, h, w) from x_T to x_0 (only x_0,
+    (B, 1, C, h, w), when the trajectory is not kept), ``log_probs`` (B, S) of each step's draw
+    (None when not recorded), ``timesteps`` (S,), ``images``
     (B, 3, H, W) in [0, 1], and what the UNet was conditioned on (prompt and unconditional
     embeddings, SDXL's time ids), so a step can be recomputed without encoding again."""
 
@@ -177,6 +178,7 @@ def sample(
     unet=None,
     log_probs: bool = True,
     conditioning: tuple[Conditioning, Conditioning] | None = None,
+    keep_trajectory: bool = True,
 ) -> Trajectory:
     """Sample ``prompts[i]`` from seed ``seeds[i]`` with DDIM, recording the trajectory.
 
@@ -184,8 +186,10 @@ def sample(
     policy). The unconditional branch is ``parts.unconditional()``, what the stock pipeline
     uses; ``conditioning`` = (one row per prompt, the unconditional branch as one row) samples
     with given embeddings instead. ``log_probs`` with ``eta`` 0 is refused: an eta-0 step is
-    deterministic and has no log-probability.
+    deterministic and has no log-probability. ``keep_trajectory=False`` keeps only x_0 (what
+    a method that trains on the final latents needs), and no log-probabilities.
     """
+    log_probs = log_probs and keep_trajectory
     if log_probs and eta <= 0:
         raise ValueError(
             "eta 0 makes every DDIM step deterministic, so a step has no log-probability; "
@@ -220,12 +224,13 @@ def sample(
         noise = _noise(generators, shape, device, dtype) if eta > 0 else None
         step = ddim_step(scheduler, output, int(t), x, eta, noise=noise)
         x = step.prev
-        latents.append(x)
+        if keep_trajectory:
+            latents.append(x)
         if log_probs:
             logps.append(step.log_prob)
     images = decode(parts, x)
     return Trajectory(
-        torch.stack(latents, dim=1),
+        torch.stack(latents if keep_trajectory else [x], dim=1),
         torch.stack(logps, dim=1) if log_probs else None,
         scheduler.timesteps.clone(),
         images,

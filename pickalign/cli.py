@@ -271,7 +271,7 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
     from pickalign.config import parse_config
     from pickalign.eval.suite import EvalConfig, evaluate
 
-    report = evaluate(parse_config(EvalConfig, _config_args(args, overrides)))
+    report = evaluate(parse_config(EvalConfig, _config_args(args, overrides), "pickalign eval"))
     if report is not None:
         print(f"report: {report.resolve()}")
     return 0
@@ -286,7 +286,7 @@ def _arena(args: argparse.Namespace, overrides: list[str]) -> int:
 
     if not args.config and not args.fields:
         raise SystemExit("pickalign arena: give --config arena.yaml (--fields lists its fields)")
-    config = parse_config(ArenaConfig, _config_args(args, overrides))
+    config = parse_config(ArenaConfig, _config_args(args, overrides), "pickalign arena")
     if args.export:
         from pickalign.eval.arena.export import export
         from pickalign.eval.arena.store import open_engine

@@ -116,16 +116,18 @@ class RunConfig:
         check_fields(self)
 
 
-def parse_config(config_type, args: list[str] | None = None):
+def parse_config(config_type, args: list[str] | None = None, prog: str | None = None):
     """Parse ``--config file.yaml`` plus ``--flag value`` overrides into ``config_type``, or into
     each of a tuple of config types (returned as a tuple; a key goes to the type that has it).
 
     Unknown keys in the YAML or on the command line, and values a field does not accept, are
     one-line errors that name them (exit status 2). ``--help`` lists every field with its help
     text, its default and what it accepts. A field that may be None takes ``none`` or ``''``.
+    A flag is a field's whole name (no abbreviations: a typo is an error, not another field).
+    ``prog`` names the command in messages (default: the script's name).
     """
     types_ = list(config_type) if isinstance(config_type, tuple) else [config_type]
-    parser = _config_parser(types_)
+    parser = _config_parser(types_, prog)
     try:
         configs = parser.parse_args_and_config(args=args)
     except (ValueError, OSError) as error:  # unknown keys, bad values, a missing config file
@@ -133,7 +135,7 @@ def parse_config(config_type, args: list[str] | None = None):
     return tuple(configs) if isinstance(config_type, tuple) else configs[0]
 
 
-def _config_parser(config_types: list):
+def _config_parser(config_types: list, prog: str | None = None):
     from transformers import HfArgumentParser
     from trl import TrlParser
 
@@ -159,6 +161,8 @@ def _config_parser(config_types: list):
 
     return ConfigParser(
         config_types,
+        prog=prog,
+        allow_abbrev=False,
         epilog=entries_help(config_types),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

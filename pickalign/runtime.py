@@ -115,6 +115,25 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def publish(
+    folder: str | Path,
+    write: Callable[[Path], None],
+    metrics: dict | None = None,
+    card: str | None = None,
+) -> Path:
+    """Write a folder a user keeps (a run's ``final/``, a reward's ``best/``) whole or not at
+    all: ``write(tmp)`` puts the weights into a temporary folder beside it, ``metrics.json`` and
+    the model card ``README.md`` join them, and one rename replaces ``folder``. Nothing writes
+    into a published folder afterwards (what is measured later goes beside it)."""
+    with atomic_path(folder) as tmp:
+        write(tmp)
+        if metrics is not None:
+            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        if card is not None:
+            (tmp / "README.md").write_text(card)
+    return Path(folder)
+
+
 # ----------------------------------------------------------------------------------------------
 # Accelerator, seeding, progress, tracking
 

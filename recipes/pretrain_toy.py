@@ -6,7 +6,7 @@
 Stage 1 trains the VAE (skip it with --vae_from DIR), stage 2 the UNet on cached latents; both
 resume with --resume_from_checkpoint latest. Writes <output_dir>/pipeline (loads with
 DiffusionPipeline.from_pretrained) and <output_dir>/metrics.json (oracle adherence on the
-held-out prompts). See align/pretrain_toy.py.
+held-out prompts). See eval/toy/pretrain.py.
 """
 
 import sys

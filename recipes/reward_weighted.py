@@ -9,22 +9,21 @@ LoRA by default: sample n images per prompt, score them with the reward, train o
 
 The family (SD or SDXL) is read from the model's UNet. Writes <output_dir>/final:
 pytorch_lora_weights.safetensors (load it with pipe.load_lora_weights), README.md and
-metrics.json (with the toy world's oracle win rate over the base when toy_eval_prompts is set),
-and monitor.png when monitor_prompts is set. Resume with --resume_from_checkpoint latest. See
-align/reward_weighted.py and align/online.py for every option.
+metrics.json, and monitor.png when monitor_prompts is set; toy runs with toy_eval_prompts
+write the oracle's win rate over the base to <output_dir>/toy_eval.json. Resume with
+--resume_from_checkpoint latest. See align/reward_weighted.py and align/online.py for every option.
 """
 
 import sys
 
 from pickalign.align.models import detect_family
 from pickalign.align.reward_weighted import RewardWeightedConfig, train
-from pickalign.config import parse_config
-from pickalign.eval.toy.judge import ToyJudgeConfig, judge_toy_run
+from pickalign.eval.toy.judge import judge_toy_run, recipe_config
 from pickalign.runtime import run_cli
 
 
 def main(argv: list[str]) -> None:
-    config, judge = parse_config((RewardWeightedConfig, ToyJudgeConfig), argv)
+    config, judge = recipe_config(RewardWeightedConfig, argv)
     judge_toy_run(config.model, train(config, detect_family(config.model)), judge)
 
 

@@ -50,12 +50,6 @@ PICKAPIC_COLUMNS = (
     "__index_level_0__",
 )
 SPLITS = ("train", "validation", "test", "validation_unique", "test_unique")
-HUB_DATASETS = (
-    "yuvalkirstain/pickapic_v1",
-    "yuvalkirstain/pickapic_v2",
-    "yuvalkirstain/pickapic_v1_no_images",
-    "yuvalkirstain/pickapic_v2_no_images",
-)
 VALID_LABELS = ((1.0, 0.0), (0.0, 1.0), (0.5, 0.5))
 BadRowPolicy = Literal["error", "skip"]
 

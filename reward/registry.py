@@ -15,6 +15,7 @@ or (3, H, W) tensors in [0, 1].
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -36,6 +37,21 @@ class CallableReward:
                 f"reward {self.name} gave {len(scores)} scores for {len(images)} images"
             )
         return scores
+
+
+@contextlib.contextmanager
+def _current_directory_importable():
+    """The current directory on the import path for one import (a module beside the user's
+    config, as ``python -m`` would find it), and off it again afterwards."""
+    here = os.getcwd()
+    added = here not in sys.path
+    if added:
+        sys.path.insert(0, here)
+    try:
+        yield
+    finally:
+        if added and here in sys.path:
+            sys.path.remove(here)
 
 
 def load_reward(spec: str, device=None):
@@ -64,10 +80,9 @@ def load_reward(spec: str, device=None):
             f"reward {spec!r}: expected toy-oracle, pickscore[:MODEL], clip[:MODEL], "
             "aesthetic:WEIGHTS[:CLIP] or module:function"
         )
-    if os.getcwd() not in sys.path:  # a module beside the user's config, as ``python -m`` finds it
-        sys.path.insert(0, os.getcwd())
     try:
-        function = getattr(importlib.import_module(module_name), function_name)
+        with _current_directory_importable():
+            function = getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError) as error:
         raise ValueError(f"reward {spec!r}: cannot import it ({error})") from None
     if not callable(function):

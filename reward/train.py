@@ -39,14 +39,13 @@ from pickalign.runtime import (
     EpochBatches,
     EpochSampler,
     append_log,
-    atomic_path,
-    atomic_write_json,
     check_finite,
     make_accelerator,
     make_optimizer,
     maybe_resume,
     mean_figures,
     progress_bar,
+    publish,
     save_checkpoint,
     seed_everything,
     warmup_schedule,
@@ -369,13 +368,15 @@ def train(config: RewardConfig) -> Path:
 def save_final_model(
     model, processor, folder: Path, metrics: dict | None = None, config=None
 ) -> None:
-    """``save_pretrained`` the model and processor (atomically), plus metrics and a model card."""
-    with atomic_path(folder) as tmp:
+    """``save_pretrained`` the model and processor, with metrics and a model card when given,
+    published whole (``pickalign.runtime.publish``)."""
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        if metrics is not None:
-            atomic_write_json(tmp / "metrics.json", metrics)
-            (tmp / "README.md").write_text(model_card(metrics, config))
+
+    card = model_card(metrics, config) if metrics is not None else None
+    publish(folder, write, metrics, card)
 
 
 def model_card(metrics: dict, config: RewardConfig | None) -> str:

@@ -212,7 +212,7 @@ def test_config_values_and_combinations_name_field_value_and_what_is_allowed():
 
 
 def dpo_main(family: str, argv: list[str]):
-    """What recipes/dpo_<family>.py runs (the toy judging is off unless a config asks)."""
+    """What recipes/dpo.py runs for ``family`` (the toy judging is off unless a config asks)."""
     config, _ = parse_config((DPOConfig, ToyJudgeConfig), argv)
     return dpo_train(config, family)
 

@@ -404,11 +404,14 @@ def test_wrong_family_is_named(tiny_models, toy_pairs, tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("config", ["cpu_2proc.yaml", "cpu_zero2_2proc.yaml"])
-def test_two_process_runs(tiny_models, toy_pairs, tmp_path, config):
+@pytest.mark.parametrize(
+    ("config", "recipe"), [("cpu_2proc.yaml", "dpo.py"), ("cpu_zero2_2proc.yaml", "dpo_sd.py")]
+)
+def test_two_process_runs(tiny_models, toy_pairs, tmp_path, config, recipe):
+    """Both launch modes, through recipes/dpo.py and its alias (the family read from the UNet)."""
     launch(
         config,
-        str(REPO / "recipes" / "dpo_sd.py"),
+        str(REPO / "recipes" / recipe),
         "--model",
         str(tiny_models["sd"]),
         "--dataset",
@@ -450,6 +453,26 @@ def test_shipped_configs_parse(name):
         assert config.learning_rate * config.pairs_per_step == pytest.approx(2.048e-5)
         assert config.scale_lr and config.beta == 5000
         assert config.mode == ("lora" if "lora" in name else "full")
+
+
+def test_scale_lr_scales_the_optimizer_not_the_config():
+    """The saved config.yaml says what was asked, the optimizer and the model card what ran."""
+    from accelerate import Accelerator
+
+    from pickalign.align.dpo import card
+    from pickalign.align.finetune import make_optimizer_and_schedule
+
+    config = DPOConfig(
+        learning_rate=1e-6, scale_lr=True, batch_size=4, gradient_accumulation_steps=2
+    )
+    weight = torch.nn.Parameter(torch.zeros(2))
+    accelerator = Accelerator(cpu=True)
+    optimizer, _ = make_optimizer_and_schedule(config, [weight], accelerator, config.batch_size)
+    assert config.learning_rate == 1e-6  # as written
+    assert optimizer.param_groups[0]["initial_lr"] == pytest.approx(8e-6)  # 1e-6 x 4 x 2 x 1
+    assert "- lr 8e-06, 100 steps" in card(config, "sd", {}, world=1)
+    config.scale_lr = False
+    assert "- lr 1e-06, 100 steps" in card(config, "sd", {}, world=1)
 
 
 @pytest.mark.parametrize("off", ["none", "None", ""])
@@ -621,7 +644,10 @@ def test_full_mode_reference_equals_the_policy_at_step_zero_in_bf16(tiny_models,
     unet.save_pretrained(folder / "unet")
     accelerator = Accelerator(cpu=True, mixed_precision="bf16")
     config = DPOConfig(model=str(folder), mode="full", output_dir=str(tmp_path / "out"))
-    parts, unet, trainable, reference_unet, _ = setup_unet(config, "sdxl", accelerator)
+    assert setup_unet(config, "sdxl", accelerator)[3] is None  # no reference unless asked
+    parts, unet, trainable, reference_unet, _ = setup_unet(
+        config, "sdxl", accelerator, reference=True
+    )
     unet = accelerator.prepare(unet)
     reference = make_reference(accelerator, unet, reference_unet)
     latents = torch.randn(4, 2, 4, 8, 8, generator=torch.Generator().manual_seed(1))

@@ -367,10 +367,14 @@ def test_eval_command_line_reports_a_bad_field_in_one_line(tmp_path, tiny_models
     from pickalign.cli import main
 
     config = write_config(tmp_path, tiny_models)
-    assert main(["eval", "--config", str(config), "--seeds", "2"]) == 1
-    assert "unknown field(s) ['seeds']" in capsys.readouterr().err
-    assert main(["eval", "--fields"]) == 0
-    assert "rank_by" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:  # a prefix of seeds_per_prompt is no field either
+        main(["eval", "--config", str(config), "--seeds", "2"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "\n" not in err
+    assert err.startswith("pickalign eval: error:") and "--seeds" in err
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", "--fields"])
+    assert stop.value.code == 0 and "rank_by" in capsys.readouterr().out
 
 
 def test_a_lora_model_samples_what_stock_diffusers_samples_at_its_scale(tiny_models, tmp_path):

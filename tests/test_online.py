@@ -229,6 +229,35 @@ def test_configs_refuse_what_cannot_run():
         )
 
 
+def test_online_configs_refuse_the_settings_only_dpo_uses(capsys):
+    """EMA, reference offloading and DataLoader workers are DPO's: an online run is told, not
+    left to believe they took effect."""
+    from pickalign.align.dpo import DPOConfig
+    from pickalign.config import parse_config
+
+    for flag, value in (("ema_decay", "0.9"), ("reference_offload", "true"), ("num_workers", "2")):
+        for kind in (DDPOConfig, RewardWeightedConfig):
+            with pytest.raises(SystemExit) as stop:
+                parse_config(kind, [f"--{flag}", value])
+            assert stop.value.code == 2 and flag in capsys.readouterr().err
+        assert parse_config(DPOConfig, [f"--{flag}", value, "--mode", "full"])
+
+
+def test_production_help_shows_no_toy_judging_and_a_toy_config_brings_it(capsys):
+    from pickalign.eval.toy.judge import recipe_config
+
+    for argv, shown in (
+        (["--config", str(REPO / "recipes/configs/ddpo/sdxl_pickscore.yaml")], False),
+        (["--config", str(REPO / "recipes/configs/ddpo/toy_sdxl.yaml")], True),
+        (["--toy_eval_prompts", "4"], True),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            recipe_config(DDPOConfig, [*argv, "--help"])
+        assert stop.value.code == 0
+        text = capsys.readouterr().out
+        assert "--clip_range" in text and ("--toy_eval_prompts" in text) == shown, argv
+
+
 # ----------------------------------------------------------------------------------------------
 # Runs
 
@@ -367,11 +396,10 @@ def test_rank_keeps_the_best_of_n_by_the_reward_and_writes_every_candidate(tiny_
     ),
 )
 def test_shipped_configs_parse_and_say_how_to_launch(path):
-    from pickalign.config import parse_config
-    from pickalign.eval.toy.judge import ToyJudgeConfig
+    from pickalign.eval.toy.judge import ToyJudgeConfig, recipe_config
 
     kind = DDPOConfig if "/ddpo/" in path else RewardWeightedConfig
-    config, judge = parse_config((kind, ToyJudgeConfig), ["--config", str(REPO / path)])
+    config, judge = recipe_config(kind, ["--config", str(REPO / path)])
     header = (REPO / path).read_text().split("\nmodel:")[0]
     assert "Launch" in header and path in header.replace("\\\n", "")
     if "toy" in path:  # judged on the held-out test prompts with the shipped toy reward
@@ -382,6 +410,7 @@ def test_shipped_configs_parse_and_say_how_to_launch(path):
     else:
         assert config.reward == "pickscore:yuvalkirstain/PickScore_v1"
         assert config.mixed_precision == "bf16"
+        assert judge == ToyJudgeConfig()  # a production config knows no toy judging
 
 
 @pytest.mark.integration

@@ -1,5 +1,7 @@
 """Pieces of the online methods: rewards named by a string, and advantage normalisation."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +17,7 @@ def lengths(prompts, images):  # a plug-in reward, named as tests.test_online_pa
     return [float(len(p)) for p in prompts]
 
 
-def test_rewards_by_name(tiny_models):
+def test_rewards_by_name(tiny_models, tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     images = [render(RED_CIRCLE, rng), render(Attributes("green", "square", "yellow"), rng)]
     oracle = load_reward("toy-oracle")
@@ -29,6 +31,15 @@ def test_rewards_by_name(tiny_models):
     for bad in ("nonsense", "tests.test_online_parts:missing", "no_such_module:f"):
         with pytest.raises(ValueError, match="reward"):
             load_reward(bad)
+    # a module beside the user's config imports from the current directory, which does not
+    # stay on the import path
+    (tmp_path / "team_reward.py").write_text(
+        "def score(prompts, images):\n    return [7.0] * len(images)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    before = list(sys.path)
+    assert load_reward("team_reward:score").score("a", images).tolist() == [7.0, 7.0]
+    assert sys.path == before
 
 
 def test_group_advantages_standardise_within_each_group():
@@ -87,3 +98,30 @@ def test_ppo_clip_loss_by_hand_and_its_gradient_stops_outside_the_clip():
     assert new.grad[0] == 0
     assert new.grad[1].item() == pytest.approx(-(ratio[1] / 3).item(), rel=1e-5)
     assert new.grad[2].item() == pytest.approx((5.0 * ratio[2] / 3).item(), rel=1e-5)
+
+
+def test_a_group_is_one_draw_of_group_size_samples_even_when_a_prompt_comes_twice():
+    from pickalign.align.ddpo import DDPOConfig, advantages_for_round
+
+    config = DDPOConfig(advantages="group", group_size=2, samples_per_round=4, train_batch_size=4)
+    rewards = torch.tensor([1.0, 3.0, 10.0, 20.0])
+    advantages = advantages_for_round(config, None, ["a", "a", "a", "a"], rewards)
+    torch.testing.assert_close(advantages, torch.tensor([-1.0, 1.0, -1.0, 1.0]), atol=1e-5, rtol=0)
+
+
+def test_gaussian_kl_by_hand_and_only_the_policy_gets_its_gradient():
+    from pickalign.align.losses import gaussian_kl
+
+    mean = torch.zeros(2, 1, 2, 2, requires_grad=True)
+    reference = torch.tensor([1.0, 1.0, 1.0, 3.0]).reshape(1, 1, 2, 2).repeat(2, 1, 1, 1)
+    reference.requires_grad_(True)
+    std = torch.tensor([1.0, 0.5])
+    kl = gaussian_kl(mean, reference, std)
+    # mean squared difference (1 + 1 + 1 + 9) / 4 = 3, over 2 std^2: 3 / 2 and 3 / 0.5
+    torch.testing.assert_close(kl, torch.tensor([1.5, 6.0]))
+    assert gaussian_kl(reference, reference, std).abs().max() == 0
+    kl.sum().backward()
+    # d/d mean of (mean - ref)^2 / 4 / (2 std^2) = (mean - ref) / (4 std^2)
+    torch.testing.assert_close(mean.grad[0].flatten(), -reference[0].detach().flatten() / 4)
+    torch.testing.assert_close(mean.grad[1].flatten(), -reference[1].detach().flatten())
+    assert reference.grad is None

@@ -34,6 +34,13 @@ def test_sampler_reproduces_the_stock_pipeline(name, eta):
     assert ours.images.shape == stock.shape == (3, 3, 32, 32)
     torch.testing.assert_close(ours.images, stock.float(), atol=2e-4, rtol=0)
     assert ours.latents.shape == (3, 9, 4, 8, 8) and len(ours.timesteps) == 8
+    # Without the trajectory (reward-weighted, the monitor): the same x_0 and images, nothing else
+    final = sample(
+        load_parts(str(MODELS[name])), PROMPTS, SEEDS, 8, 5.0, eta, keep_trajectory=False
+    )
+    assert final.latents.shape == (3, 1, 4, 8, 8) and final.log_probs is None
+    torch.testing.assert_close(final.latents[:, 0], ours.latents[:, -1], atol=0, rtol=0)
+    torch.testing.assert_close(final.images, ours.images, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["toy-sd", "toy-sdxl"])

@@ -115,6 +115,7 @@ def test_toy_run_judging_writes_metrics_and_card(tmp_path, capsys):
     save_lora(unet, final)
     (final / "README.md").write_text("# card\n")
     (final / "metrics.json").write_text(json.dumps({"steps": 3}))
+    published = {p.name: p.read_bytes() for p in final.iterdir()}
     judge = ToyJudgeConfig(
         toy_eval_prompts=3,
         toy_eval_seeds=1,
@@ -124,8 +125,9 @@ def test_toy_run_judging_writes_metrics_and_card(tmp_path, capsys):
     )
     assert judge_toy_run(base, final, ToyJudgeConfig()) is None  # off unless asked
     report = judge_toy_run(base, final, judge)
-    metrics = json.loads((final / "metrics.json").read_text())
-    assert metrics["steps"] == 3 and metrics["toy_eval"] == report
+    assert {p.name: p.read_bytes() for p in final.iterdir()} == published  # final/ untouched
+    written = json.loads((tmp_path / "toy_eval.json").read_text())
+    assert written == {**report, "summary": written["summary"]}
     assert report["win_rate"]["ties"] == 3 and report["win_rate"]["estimate"] == 0.5
     assert all(c == {"fixed": 0, "broken": 0} for c in report["changes"].values())
     # the reward scores the same images: here the oracle, whose mean is the adherence's
@@ -134,6 +136,6 @@ def test_toy_run_judging_writes_metrics_and_card(tmp_path, capsys):
     assert scores["base"] == pytest.approx(
         sum(report["base"][k] for k in ("colour", "shape", "background"))
     )
-    card = (final / "README.md").read_text()
-    assert "win rate over the base 0.500" in card and "fixed / broken colour 0 / 0" in card
+    assert "win rate over the base 0.500" in written["summary"]
+    assert "fixed / broken colour 0 / 0" in written["summary"]
     assert "3 held-out validation prompts" in capsys.readouterr().out

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
 
 from pickalign.config import check_fields
@@ -20,7 +21,7 @@ from pickalign.reward.toyworld import (
     read_image,
     render,
 )
-from pickalign.runtime import atomic_write_json, atomic_write_text
+from pickalign.runtime import atomic_write_json
 
 
 def held_out_split(split: str) -> str:
@@ -299,12 +300,36 @@ class ToyJudgeConfig:
         check_fields(self)
 
 
+def recipe_config(config_type, argv: list[str]):
+    """A recipe's ``(config, ToyJudgeConfig)``. The toy judging settings join the parser only
+    when the run names one (a ``toy_eval_*`` key in its YAML or on the command line), so a
+    production run's ``--help`` and config know nothing of them; otherwise judging is off."""
+    from pickalign.config import parse_config
+
+    if _names_toy_judging(argv):
+        return parse_config((config_type, ToyJudgeConfig), argv)
+    return parse_config(config_type, argv), ToyJudgeConfig()
+
+
+def _names_toy_judging(argv: list[str]) -> bool:
+    flags = [arg[2:].split("=")[0].replace("-", "_") for arg in argv if arg.startswith("--")]
+    if any(flag.startswith("toy_eval_") for flag in flags):
+        return True
+    for i, arg in enumerate(argv):
+        path = arg.partition("=")[2] if arg.startswith("--config=") else None
+        if arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        if path and Path(path).is_file():
+            data = yaml.safe_load(Path(path).read_text())
+            return isinstance(data, dict) and any(str(k).startswith("toy_eval_") for k in data)
+    return False
+
+
 def judge_toy_run(base: str | Path, final: str | Path, judge: ToyJudgeConfig) -> dict | None:
     """After a toy alignment run: when ``judge.toy_eval_prompts`` is set, judge the aligned model
     in ``final`` against its ``base`` on the main process (as accelerate knows it), print the win
-    rate and add it to the run's ``metrics.json`` and model card, each written atomically."""
-    import json
-
+    rate and write the report to ``toy_eval.json`` in the run folder, beside ``final/`` (a
+    published folder is never modified)."""
     from accelerate import PartialState
 
     if not judge.toy_eval_prompts or not PartialState().is_main_process:
@@ -320,10 +345,6 @@ def judge_toy_run(base: str | Path, final: str | Path, judge: ToyJudgeConfig) ->
         split=judge.toy_eval_split,
         reward=judge.toy_eval_reward,
     )
-    metrics_path = final / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-    metrics["toy_eval"] = report
-    atomic_write_json(metrics_path, metrics)
     rate, changes = report["win_rate"], report["changes"]
     line = (
         f"toy world: oracle win rate over the base {rate['estimate']:.3f} "
@@ -336,8 +357,6 @@ def judge_toy_run(base: str | Path, final: str | Path, judge: ToyJudgeConfig) ->
     if "reward" in report:
         scores = report["reward"]
         line += f"; mean {scores['name']} {scores['base']:.3f} -> {scores['aligned']:.3f}"
-    card = final / "README.md"
-    if card.exists():
-        atomic_write_text(card, card.read_text() + f"- {line}\n")
+    atomic_write_json(final.parent / "toy_eval.json", {**report, "summary": line})
     print(line)
     return report
