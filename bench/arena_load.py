@@ -116,8 +116,7 @@ def rater(base: str, judgments: int, acknowledged: list, latencies: list, errors
                 pair.raise_for_status()
                 pair = pair.json()
                 uid = uuid.uuid4().hex
-                body = {"uid": uid, "left": pair["left"]["uid"], "right": pair["right"]["uid"],
-                        "choice": "left", "latency_ms": 800}  # fmt: skip
+                body = {"uid": uid, "pair": pair["pair"], "choice": "left", "latency_ms": 800}
                 started = time.perf_counter()
                 answer = client.post("/api/judge", json=body, headers=headers)
                 answer.raise_for_status()

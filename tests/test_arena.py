@@ -41,8 +41,7 @@ def judgment(pair: dict, choice: str = "left", uid: str | None = None) -> dict:
 
     return {
         "uid": uid or uuid.uuid4().hex,
-        "left": pair["left"]["uid"],
-        "right": pair["right"]["uid"],
+        "pair": pair["pair"],
         "choice": choice,
         "latency_ms": 1500,
     }
@@ -213,14 +212,14 @@ def test_refusals(evaluation, tmp_path, tiny_models, monkeypatch):
         client.post("/api/judge", json=good | {"choice": "both"}, headers=headers), 422, "choice"
     )
     refused(
-        client.post("/api/judge", json=good | {"left": "f" * 32}, headers=headers),
+        client.post("/api/judge", json=good | {"pair": "f" * 32}, headers=headers),
         422,
-        "unknown image",
+        "not a pair served to you",
     )
     refused(
-        client.post("/api/judge", json=good | {"right": good["left"]}, headers=headers),
+        client.post("/api/judge", json=good | {"latency_ms": "NaN"}, headers=headers),
         422,
-        "two different",
+        "latency_ms",
     )
     # oversized bodies, declared or streamed
     refused(
@@ -244,12 +243,15 @@ def test_refusals(evaluation, tmp_path, tiny_models, monkeypatch):
     refused(client.get("/admin/stats", headers={"Authorization": "Bearer nope"}), 403, "admin")
     stats = client.get("/admin/stats", headers={"Authorization": "Bearer the-admin-token"})
     assert stats.status_code == 200
-    # the rate limit, 8 a minute per rater: the pair and the three bad fields above count, the
-    # requests refused before the rater was known (CSRF, body size) do not
-    for _ in range(4):
-        assert client.post("/api/judge", json=judgment(pair), headers=headers).status_code == 200
+    # the rate limit, 8 a minute per rater: the pair and two bad fields above count; requests
+    # refused before the rater is known (CSRF, body size, a body that does not validate) do not
+    assert client.post("/api/judge", json=good, headers=headers).status_code == 200
+    refused(client.post("/api/judge", json=judgment(pair), headers=headers), 409, "judged already")
+    pair = client.post("/api/pair", json={}, headers=headers).json()
+    assert client.post("/api/judge", json=judgment(pair), headers=headers).status_code == 200
+    pair = client.post("/api/pair", json={}, headers=headers).json()  # the 8th counted request
     refused(client.post("/api/judge", json=judgment(pair), headers=headers), 429, "rate limit")
-    assert len(rows(config)) == 4
+    assert len(rows(config)) == 2
     scratch = tmp_path / "tmp"  # where the export is built: nothing of it stays
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))

@@ -112,6 +112,11 @@ def test_a_rater_clicks_ten_judgments_in_chromium_and_the_export_trains_a_reward
     try:
         browser.set_window_size(390, 844)  # a phone's width
         browser.get(f"http://127.0.0.1:{port}/")
+        # before any prompt: no empty image frames (no pair yet), and no tie button to press
+        shown_at_first = browser.execute_script(
+            "return [...document.querySelectorAll('img, #pick-tie')]"
+            ".filter(e => e.offsetParent !== null).length"
+        )
         wait = WebDriverWait(browser, 30)
         count = 0
         for k in range(10):
@@ -143,6 +148,7 @@ def test_a_rater_clicks_ten_judgments_in_chromium_and_the_export_trains_a_reward
         browser.quit()
         server.terminate()
         server.wait(30)
+    assert shown_at_first == 0
     assert loaded and width <= 390  # no sideways scrolling on a phone
     engine = open_engine(database)
     stored = all_judgments(engine)

@@ -1,17 +1,21 @@
 """The arena's web app (FastAPI): pages, the judging API, images by uid, and the admin routes.
 
 Raters: ``GET /`` gives a rater id (a signed cookie) and a CSRF token bound to it; every POST
-carries the token in ``X-CSRF-Token``. ``POST /api/pair`` gives a pair to judge (generate mode:
-for the rater's prompt), ``POST /api/judge`` records a decision (idempotent by the judgment uid the
-page makes) and, in generate mode, answers with the pair that follows: the rejected image
-replaced by a new one, both after a tie. ``GET /images/<uid>.png`` serves stored images only.
-Admin: ``GET /admin/stats`` and ``GET /admin/export`` (a zip of the export) with ``Authorization:
-Bearer <token>``.
+carries the token in ``X-CSRF-Token``. ``POST /api/pair`` serves a pair to judge (generate mode:
+for the rater's prompt) and records it; ``POST /api/judge`` records a decision on a pair served to
+that rater (once a pair; idempotent by the judgment uid the page makes) and, in generate mode,
+answers with the pair that follows: the rejected image replaced by a new one, both after a tie.
+``GET /images/<uid>.png`` serves stored images only. Admin: ``GET /admin/stats`` and
+``GET /admin/export`` (a zip of the export) with ``Authorization: Bearer <token>``.
 
-Refusals, each with a one-line reason: 403 (no session, missing or forged CSRF token, no or a
-wrong admin token), 413 (a body over ``max_body_bytes``), 422 (a bad field: an over-long prompt,
-an unknown image, a choice other than left/right/tie, images of another prompt), 429 (over
-``judgments_per_minute``), 404 (anything else, image names that are not uids included).
+Every request, however malformed, gets an answer under 500 with a short JSON reason, and a
+refused request stores nothing: 403 (no session, missing or forged CSRF token, no or a wrong
+admin token), 404 (anything else, image names that are not uids included), 409 (a pair judged
+already, or a judgment uid used for another pair), 413 (a body over ``max_body_bytes``), 422 (a
+bad field, named without echoing it: a prompt over ``max_prompt_chars``, with control characters
+or not valid Unicode; a pair not served to this rater; a choice other than left/right/tie; a
+non-finite latency), 429 (over ``judgments_per_minute``). Text is normalised at this boundary
+alone (``clean_prompt``), so SQLite and PostgreSQL store the same.
 """
 
 from __future__ import annotations
@@ -25,23 +29,26 @@ import secrets
 import tempfile
 import threading
 import time
+import unicodedata
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
-from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 
 from pickalign.eval.arena.config import ArenaConfig
 from pickalign.eval.arena.store import (
     CHOICES,
-    ImageRow,
+    JudgmentConflict,
     count_judgments,
     open_engine,
     record_judgment,
+    serve_pair,
+    served_pair,
 )
 
 HERE = Path(__file__).parent
@@ -67,10 +74,44 @@ class PairRequest(BaseModel):
 class JudgeRequest(BaseModel):
     # 32 hex digits, bare or as a canonical UUID: one stored uid per client uid
     uid: str = Field(pattern=r"^([0-9a-f]{32}|[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12})$")
-    left: str
-    right: str
+    pair: str = Field(pattern=r"^[0-9a-f]{32}$")  # as /api/pair served it
     choice: str
-    latency_ms: float = Field(ge=0, le=86_400_000)
+    latency_ms: float = Field(ge=0, le=86_400_000, allow_inf_nan=False)
+
+
+def same_token(given: str, expected: str) -> bool:
+    """A constant-time comparison that cannot fail on encoding: what is not ASCII is no token."""
+    return given.isascii() and hmac.compare_digest(given.encode(), expected.encode())
+
+
+def clean_prompt(text: str, limit: int) -> str:
+    """A prompt as stored and shown: NFC-normalised, whitespace runs as one space. Refused (422,
+    naming the field, not echoing it): not valid Unicode (a lone surrogate), control characters
+    (NUL included: PostgreSQL cannot store it), empty, or over ``limit`` characters."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Refused(422, "prompt: not valid Unicode text") from None
+    text = " ".join(unicodedata.normalize("NFC", text).split())
+    if any(unicodedata.category(c) == "Cc" for c in text):
+        raise Refused(422, "prompt: control characters are not allowed")
+    if not text:
+        raise Refused(422, "write a prompt first")
+    if len(text) > limit:
+        raise Refused(422, f"prompt over {limit} characters")
+    return text
+
+
+def validation_reason(error: RequestValidationError) -> str:
+    """The first problem of a request that did not validate, naming the field but never
+    repeating its value (which may not even be valid text)."""
+    problems = error.errors()
+    if not problems:
+        return "the request did not validate"
+    first = problems[0]
+    field = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "body"
+    message = str(first.get("msg", "invalid")).encode("ascii", "replace").decode()
+    return f"{field}: {message}"[:200]
 
 
 class BodyLimit:
@@ -162,29 +203,35 @@ def create_app(config: ArenaConfig, admin_token: str) -> FastAPI:
     def rater_of(request: Request) -> str:
         cookie = request.cookies.get("rater", "")
         rater, _, signature = cookie.partition(".")
-        if not rater or not hmac.compare_digest(sign("rater:" + rater), signature):
+        if not rater or not rater.isascii() or not same_token(signature, sign("rater:" + rater)):
             raise Refused(403, "no rater session: load the arena page first")
         return rater
 
     def check_csrf(request: Request, rater: str) -> None:
         token = request.headers.get("x-csrf-token", "")
-        if not hmac.compare_digest(sign("csrf:" + rater), token):
+        if not same_token(token, sign("csrf:" + rater)):
             raise Refused(403, "missing or invalid CSRF token: reload the page")
 
     def check_admin(request: Request) -> None:
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not given or not hmac.compare_digest(given, admin_token):
+        if not given or not same_token(given, admin_token):
             raise Refused(403, "admin routes need Authorization: Bearer <admin token>")
 
     def image_url(uid: str) -> dict:
         return {"uid": uid, "url": f"/images/{uid}.png"}
 
-    def pair_answer(prompt: str, left: str, right: str) -> dict:
-        return {"prompt": prompt, "left": image_url(left), "right": image_url(right)}
+    def serve(rater: str, prompt: str, left: str, right: str) -> dict:
+        """Record the pair as served to ``rater``; what the page shows of it."""
+        pair = serve_pair(engine, rater, prompt, left, right)
+        return {"pair": pair, "prompt": prompt, "left": image_url(left), "right": image_url(right)}
 
     @app.exception_handler(Refused)
     async def refused(_request, error: Refused):
         return JSONResponse({"error": error.reason}, status_code=error.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request, error: RequestValidationError):
+        return JSONResponse({"error": validation_reason(error)}, status_code=422)
 
     @app.middleware("http")
     async def headers(request: Request, call_next):
@@ -221,13 +268,9 @@ def create_app(config: ArenaConfig, admin_token: str) -> FastAPI:
         check_csrf(request, rater)
         limits.check(rater)
         if config.mode == "compare":
-            return pair_answer(*source.pair())
-        prompt = " ".join((body.prompt or "").split())
-        if not prompt:
-            raise Refused(422, "write a prompt first")
-        if len(prompt) > config.max_prompt_chars:
-            raise Refused(422, f"prompt over {config.max_prompt_chars} characters")
-        return pair_answer(prompt, source.draw(prompt), source.draw(prompt))
+            return serve(rater, *source.pair())
+        prompt = clean_prompt(body.prompt or "", config.max_prompt_chars)
+        return serve(rater, prompt, source.draw(prompt), source.draw(prompt))
 
     @app.post("/api/judge")
     def judge(request: Request, body: JudgeRequest):
@@ -236,35 +279,29 @@ def create_app(config: ArenaConfig, admin_token: str) -> FastAPI:
         limits.check(rater)
         if body.choice not in CHOICES:
             raise Refused(422, f"choice must be one of {', '.join(CHOICES)}")
-        if body.left == body.right or not (UID.match(body.left) and UID.match(body.right)):
-            raise Refused(422, "left and right must be two different image uids")
-        with Session(engine) as session:
-            shown = [session.get(ImageRow, uid) for uid in (body.left, body.right)]
-        if None in shown:
-            raise Refused(422, "unknown image uid")
-        if shown[0].prompt != shown[1].prompt:
-            raise Refused(422, "the two images answer different prompts")
+        pair = served_pair(engine, body.pair, rater)
+        if pair is None:
+            raise Refused(422, "pair: not a pair served to you; ask /api/pair for one")
         decided = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
-        created, judgment_id = record_judgment(
-            engine,
-            uid=body.uid.replace("-", ""),
-            rater=rater,
-            mode=config.mode,
-            prompt=shown[0].prompt,
-            left_uid=body.left,
-            right_uid=body.right,
-            choice=body.choice,
-            shown_at=decided - datetime.timedelta(milliseconds=body.latency_ms),
-            decided_at=decided,
-            latency_ms=body.latency_ms,
-        )
+        try:
+            created, judgment_id = record_judgment(
+                engine,
+                pair,
+                uid=body.uid.replace("-", ""),
+                mode=config.mode,
+                choice=body.choice,
+                shown_at=decided - datetime.timedelta(milliseconds=body.latency_ms),
+                decided_at=decided,
+                latency_ms=body.latency_ms,
+            )
+        except JudgmentConflict as conflict:
+            raise Refused(409, str(conflict)) from None
         answer = {"id": judgment_id, "duplicate": not created}
         answer["count"] = count_judgments(engine, rater)
         if config.mode == "generate":  # a retried request's answer carries a next pair too
-            prompt = shown[0].prompt
-            left = body.left if body.choice == "left" else source.draw(prompt)
-            right = body.right if body.choice == "right" else source.draw(prompt)
-            answer["next"] = pair_answer(prompt, left, right)
+            left = pair.left_uid if body.choice == "left" else source.draw(pair.prompt)
+            right = pair.right_uid if body.choice == "right" else source.draw(pair.prompt)
+            answer["next"] = serve(rater, pair.prompt, left, right)
         return answer
 
     @app.get("/images/{name}")

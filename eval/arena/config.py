@@ -54,7 +54,8 @@ class ArenaConfig:
         },
     )
     max_prompt_chars: int = field(
-        default=300, metadata={"help": "Longest prompt accepted.", "range": ">= 1"}
+        default=300,
+        metadata={"help": "Longest prompt accepted (the database holds 2000).", "range": "[1, 2000]"},
     )
     max_body_bytes: int = field(
         default=8192, metadata={"help": "Largest request body accepted.", "range": ">= 256"}

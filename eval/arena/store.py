@@ -1,13 +1,19 @@
 """The arena's database, through SQLAlchemy: SQLite in WAL mode by default, any SQLAlchemy URL
 (PostgreSQL for a team).
 
-Two tables. ``images``: every image shown, stored once as a PNG under the images folder and
+Three tables. ``images``: every image shown, stored once as a PNG under the images folder and
 addressed by its uid (32 hex digits), with the model, prompt and seed that made it (or the eval
-manifest path it came from). ``judgments``: one row per decision, keyed by a uid the browser
-makes, so a retried request never counts twice, with the rater, the prompt, the two image uids as
-shown (left, right), the choice (left, right, tie), when the pair was shown and decided, and the
-decision latency. A judgment is committed (SQLite: ``synchronous=FULL``) before the server
+manifest path it came from). ``pairs``: every pair the server served, to which rater, with the
+two image uids as shown (left, right). ``judgments``: one row per decision, keyed by a uid the
+browser makes, so a retried request never counts twice, naming the served pair it judges (at
+most one judgment a pair), with the rater, the prompt, the two image uids, the choice (left,
+right, tie), when the pair was shown and decided, and the decision latency. A Pick-a-Pic
+judgment means "this rater saw these two images side by side": only a pair served to that rater
+can be judged, once. A judgment is committed (SQLite: ``synchronous=FULL``) before the server
 answers, so an acknowledged judgment survives a killed server.
+
+A database written before pairs were recorded gains the ``pair_uid`` column when opened; its
+earlier judgments name no served pair and are left out of counts and exports.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     select,
+    text,
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -48,11 +56,26 @@ class ImageRow(Base):
     created_at: Mapped[datetime.datetime] = mapped_column(DateTime, default=func.now())
 
 
+class PairRow(Base):
+    __tablename__ = "pairs"
+
+    uid: Mapped[str] = mapped_column(String(32), primary_key=True)
+    rater: Mapped[str] = mapped_column(String(64), index=True)
+    prompt: Mapped[str] = mapped_column(String(2000))
+    left_uid: Mapped[str] = mapped_column(String(32), ForeignKey("images.uid"))
+    right_uid: Mapped[str] = mapped_column(String(32), ForeignKey("images.uid"))
+    served_at: Mapped[datetime.datetime] = mapped_column(DateTime, default=func.now())
+
+
 class JudgmentRow(Base):
     __tablename__ = "judgments"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     uid: Mapped[str] = mapped_column(String(36), unique=True)  # made by the browser: idempotent
+    # the served pair it judges, once; None only in a database older than served pairs
+    pair_uid: Mapped[str | None] = mapped_column(
+        String(32), ForeignKey("pairs.uid"), unique=True, nullable=True
+    )
     rater: Mapped[str] = mapped_column(String(64), index=True)
     mode: Mapped[str] = mapped_column(String(16))
     prompt: Mapped[str] = mapped_column(String(2000))
@@ -92,6 +115,12 @@ def open_engine(url: str):
             cursor.close()
 
     Base.metadata.create_all(engine)
+    if "pair_uid" not in {c["name"] for c in inspect(engine).get_columns("judgments")}:
+        with engine.begin() as connection:  # a database from before served pairs
+            connection.execute(text("ALTER TABLE judgments ADD COLUMN pair_uid VARCHAR(32)"))
+            connection.execute(
+                text("CREATE UNIQUE INDEX ix_judgments_pair_uid ON judgments (pair_uid)")
+            )
     return engine
 
 
@@ -120,37 +149,79 @@ def image_for_source(engine, source: str, prompt: str, model: str, seed) -> str 
         return session.scalar(query.limit(1))
 
 
-def record_judgment(engine, **fields) -> tuple[bool, int]:
-    """Commit one judgment; (True, its id), or (False, the earlier id) when a judgment with the
-    same uid was already recorded (a retried request)."""
-    try:
-        with Session(engine) as session, session.begin():
-            row = JudgmentRow(**fields)
-            session.add(row)
-            session.flush()
-            return True, row.id
-    except IntegrityError:
+def serve_pair(engine, rater: str, prompt: str, left: str, right: str) -> str:
+    """Record that ``rater`` is shown images ``left`` and ``right`` side by side; the pair's uid."""
+    uid = new_uid()
+    with Session(engine) as session, session.begin():
+        session.add(PairRow(uid=uid, rater=rater, prompt=prompt, left_uid=left, right_uid=right))
+    return uid
+
+
+def served_pair(engine, pair_uid: str, rater: str) -> PairRow | None:
+    """The pair ``pair_uid`` if it was served to ``rater``, else None."""
+    with Session(engine) as session:
+        pair = session.get(PairRow, pair_uid)
+        return pair if pair is not None and pair.rater == rater else None
+
+
+class JudgmentConflict(ValueError):
+    """A judgment that contradicts a recorded one: its pair was judged already, or its uid
+    was used for another pair."""
+
+
+def record_judgment(engine, pair: PairRow, **fields) -> tuple[bool, int]:
+    """Commit one judgment of the served ``pair`` (its prompt and images come from the pair);
+    (True, its id), or (False, the earlier id) when this very judgment (same uid, same pair)
+    was recorded already (a retried request). Raises ``JudgmentConflict`` when the pair has
+    another judgment or the uid judged another pair."""
+    row = dict(
+        fields,
+        pair_uid=pair.uid,
+        rater=pair.rater,
+        prompt=pair.prompt,
+        left_uid=pair.left_uid,
+        right_uid=pair.right_uid,
+    )
+    for attempt in range(2):
         with Session(engine) as session:
-            earlier = session.scalar(select(JudgmentRow.id).where(JudgmentRow.uid == fields["uid"]))
-        if earlier is None:  # another constraint (an unknown image uid): not a retry
-            raise
-        return False, earlier
+            earlier = session.scalar(
+                select(JudgmentRow).where(
+                    (JudgmentRow.uid == row["uid"]) | (JudgmentRow.pair_uid == pair.uid)
+                )
+            )
+            if earlier is not None:
+                if earlier.uid == row["uid"] and earlier.pair_uid == pair.uid:
+                    return False, earlier.id
+                if earlier.pair_uid == pair.uid:
+                    raise JudgmentConflict("this pair was judged already")
+                raise JudgmentConflict("this judgment uid was used for another pair")
+        try:
+            with Session(engine) as session, session.begin():
+                judgment = JudgmentRow(**row)
+                session.add(judgment)
+                session.flush()
+                return True, judgment.id
+        except IntegrityError:
+            if attempt:  # the same request racing itself: the check above decides
+                raise
+    raise AssertionError("unreachable")
 
 
 def count_judgments(engine, rater: str | None = None) -> int:
     with Session(engine) as session:
-        query = select(func.count(JudgmentRow.id))
+        query = select(func.count(JudgmentRow.id)).where(JudgmentRow.pair_uid.is_not(None))
         if rater is not None:
             query = query.where(JudgmentRow.rater == rater)
         return int(session.scalar(query))
 
 
 def all_judgments(engine) -> list[dict]:
-    """Every judgment with its two images' rows, oldest first."""
+    """Every judgment of a served pair with its two images' rows, oldest first."""
     with Session(engine) as session:
         images = {row.uid: row for row in session.scalars(select(ImageRow))}
         rows = []
-        for j in session.scalars(select(JudgmentRow).order_by(JudgmentRow.id)):
+        judged = select(JudgmentRow).where(JudgmentRow.pair_uid.is_not(None))
+        for j in session.scalars(judged.order_by(JudgmentRow.id)):
             left, right = images[j.left_uid], images[j.right_uid]
             rows.append(
                 {

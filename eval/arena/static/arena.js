@@ -47,6 +47,7 @@ function setEnabled(on) {
 function show(pair) {
   $("left").src = pair.left.url;
   $("right").src = pair.right.url;
+  $("pair").hidden = $("tie-row").hidden = false; // hidden until there is a pair to show
   $("prompt-shown").textContent = pair.prompt; // text, never HTML
   current = pair;
   shownAt = performance.now();
@@ -63,7 +64,7 @@ async function judge(choice) {
   busy = true;
   setEnabled(false);
   const body = {
-    uid: newUid(), left: current.left.uid, right: current.right.uid, choice,
+    uid: newUid(), pair: current.pair, choice,
     latency_ms: Math.round(performance.now() - shownAt),
   };
   let saved = false;
