@@ -55,7 +55,10 @@ class ArenaConfig:
     )
     max_prompt_chars: int = field(
         default=300,
-        metadata={"help": "Longest prompt accepted (the database holds 2000).", "range": "[1, 2000]"},
+        metadata={
+            "help": "Longest prompt accepted (the database holds 2000).",
+            "range": "[1, 2000]",
+        },
     )
     max_body_bytes: int = field(
         default=8192, metadata={"help": "Largest request body accepted.", "range": ">= 256"}
