@@ -152,6 +152,20 @@ def _config_parser(config_types: list, prog: str | None = None):
             accepts = "; ".join(a for a in accepts if a)
             if accepts:
                 metadata["help"] = f"{metadata.get('help', '')} [{accepts}]".strip()
+            if _structured(item.type):  # a mapping or a list of entries: YAML on the command line
+                required = item.default is dataclasses.MISSING
+                required = required and item.default_factory is dataclasses.MISSING
+                default = None if required else item.default
+                if item.default_factory is not dataclasses.MISSING:
+                    default = item.default_factory()
+                parser.add_argument(
+                    f"--{item.name}",
+                    type=_yaml_value,
+                    default=default,
+                    required=required,
+                    help=f"{metadata.get('help', '')} (YAML)".strip(),
+                )
+                return
             item = copy.copy(item)
             item.metadata = types.MappingProxyType(metadata)
             HfArgumentParser._parse_dataclass_field(parser, item)
@@ -170,6 +184,28 @@ def _config_parser(config_types: list, prog: str | None = None):
 
 def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+
+
+def _structured(hint) -> bool:
+    """A dict field, or a list of dataclass entries (optional or not)."""
+    for candidate in (hint, *typing.get_args(hint)):
+        if typing.get_origin(candidate) is dict or candidate is dict:
+            return True
+        if typing.get_origin(candidate) is list:
+            (entry,) = typing.get_args(candidate)
+            if dataclasses.is_dataclass(entry):
+                return True
+    return False
+
+
+def _yaml_value(text: str):
+    """A structured override as YAML (JSON is YAML): ``--runs '{dpo: outputs/dpo}'``."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise argparse.ArgumentTypeError(f"not YAML: {' '.join(str(error).split())}") from None
 
 
 def entry_types(config_type) -> dict[str, type]:

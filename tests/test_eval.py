@@ -246,6 +246,10 @@ def test_config_errors_name_the_field(tiny_models, tmp_path, capsys):
         assert "must be letters" in _refused(capsys, bad)
     path = write_config(tmp_path, tiny_models)
     assert eval_config(path, "--max_prompts", "2").max_prompts == 2
+    # mappings and lists of entries override as YAML on the command line too
+    config = eval_config(path, "--runs", "{dpo: out/dpo}", "--models", "[{name: a, model: m}]")
+    assert config.runs == {"dpo": "out/dpo"} and [m.name for m in config.models] == ["a"]
+    assert "--runs: not YAML" in _refused(capsys, path, "--runs", "{a: [")
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".json", ".parquet"])
