@@ -27,6 +27,7 @@ from pickalign.align.online import (
     end_round,
     finish_run,
     own_slice,
+    reward_figures,
     rollout,
     round_prompts,
     score_and_gather,
@@ -228,8 +229,7 @@ def train(config: DDPOConfig, family: str) -> Path:
         round_ += 1
         logs = {
             **mean_figures(accelerator, sums, count),
-            "train/reward_mean": all_rewards.mean().item(),
-            "train/reward_std": all_rewards.std().item(),
+            **reward_figures(run, all_prompts, all_rewards),
             "train/lr": run.scheduler.get_last_lr()[0],
             "train/prompts_tracked": len(stats.buffers),
         }

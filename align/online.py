@@ -139,6 +139,15 @@ class OnlineConfig(UNetTuneConfig):
         default_factory=list,
         metadata={"help": "More rewards scored on the monitor samples (e.g. toy-oracle)."},
     )
+    reward_running_rounds: int = field(
+        default=10,
+        metadata={
+            "range": "> 0",
+            "help": "Rounds in the logged running mean of the training reward "
+            "(train/reward_running_mean): one round's mean over a few prompts is mostly which "
+            "prompts were drawn.",
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -232,6 +241,19 @@ def score_and_gather(accelerator, reward, prompts: list[str], images) -> tuple:
     return local, all_prompts, every
 
 
+def reward_figures(run: OnlineRun, all_prompts: list[str], all_rewards: torch.Tensor) -> dict:
+    """The round's training reward (every process's samples) with the number of prompts it
+    averages over, and its running mean over the last ``reward_running_rounds`` rounds."""
+    run.reward_history.append(all_rewards.mean().item())
+    recent = run.reward_history[-run.config.reward_running_rounds :]
+    return {
+        "train/reward_mean": run.reward_history[-1],
+        "train/reward_std": all_rewards.std().item(),
+        "train/reward_prompts": len(set(all_prompts)),
+        "train/reward_running_mean": sum(recent) / len(recent),
+    }
+
+
 def own_slice(values: torch.Tensor, accelerator) -> torch.Tensor:
     """This process's part of a gathered (N x world,) tensor."""
     n = len(values) // accelerator.num_processes
@@ -265,6 +287,7 @@ class OnlineRun:
     state: dict  # the resumed checkpoint's state ({"step": 0} when fresh)
     monitor: object | None
     started: float
+    reward_history: list[float]  # each round's mean training reward, kept in checkpoints
 
     @property
     def out(self) -> Path:
@@ -329,6 +352,7 @@ def start_run(config: OnlineConfig, family: str, method: str, accumulation=None)
         state,
         monitor,
         started,
+        list(state.get("reward_history", [])),
     )
     if monitor is not None:
         monitor.history = list(state.get("monitor", []))
@@ -350,7 +374,15 @@ def end_round(run: OnlineRun, round_: int, logs: dict, **state) -> None:
     if config.checkpointing_steps and round_ % config.checkpointing_steps == 0:
         writer = release_writer(accelerator, run.unet, config.mode, {"base_model": config.model})
         history = run.monitor.history if run.monitor is not None else []
-        save_checkpoint(accelerator, config, round_, extra_files=writer, monitor=history, **state)
+        save_checkpoint(
+            accelerator,
+            config,
+            round_,
+            extra_files=writer,
+            monitor=history,
+            reward_history=run.reward_history,
+            **state,
+        )
 
 
 def finish_run(run: OnlineRun, round_: int, logs: dict, training: list[str], **metrics) -> Path:

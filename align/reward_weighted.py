@@ -36,6 +36,7 @@ from pickalign.align.online import (
     OnlineConfig,
     end_round,
     finish_run,
+    reward_figures,
     rollout,
     round_prompts,
     score_and_gather,
@@ -273,7 +274,7 @@ def train(config: RewardWeightedConfig, family: str) -> Path:
         trajectory = rollout(
             parts, run.policy, prompts, seeds, config, accelerator, keep_trajectory=False
         )
-        rewards, _, all_rewards = score_and_gather(
+        rewards, all_prompts, all_rewards = score_and_gather(
             accelerator, run.reward, prompts, trajectory.images
         )
         weights = sample_weights(
@@ -328,8 +329,7 @@ def train(config: RewardWeightedConfig, family: str) -> Path:
         trained = accelerator.reduce(trained.to(accelerator.device), "sum").cpu()
         logs = {
             **mean_figures(accelerator, sums, count),
-            "train/reward_mean": all_rewards.mean().item(),
-            "train/reward_std": all_rewards.std().item(),
+            **reward_figures(run, all_prompts, all_rewards),
             "train/trained_reward_mean": float(trained[0] / trained[1]),  # every process's
             "train/lr": run.scheduler.get_last_lr()[0],
         }

@@ -277,6 +277,11 @@ def test_a_ddpo_run_resumes_with_the_same_later_losses(tiny_models, tmp_path, fa
     for step in (2, 3):
         assert again[step]["train/loss"] == pytest.approx(whole[step]["train/loss"], abs=1e-7)
         assert again[step]["train/reward_mean"] == pytest.approx(whole[step]["train/reward_mean"])
+    # the reward with the prompts it averages (2 drawn a round, a prompt may come twice) and a
+    # running mean over the rounds so far, carried across the resume
+    means = [whole[step]["train/reward_mean"] for step in (1, 2, 3)]
+    assert again[3]["train/reward_running_mean"] == pytest.approx(sum(means) / 3)
+    assert {again[s]["train/reward_prompts"] for s in (1, 2, 3)} <= {1, 2}
     assert (final / "pytorch_lora_weights.safetensors").exists()
     state = json.loads((tmp_path / "part/checkpoints/checkpoint-3/run_state.json").read_text())
     assert sum(map(len, state["prompt_stats"]["buffers"].values())) == 12  # 3 rounds x 4
