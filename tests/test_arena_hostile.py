@@ -6,6 +6,7 @@ judgments are intact afterwards."""
 
 import json
 import uuid
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
@@ -91,8 +92,7 @@ def post_raw(client, url: str, body: bytes, headers: dict, content_type: str | N
 def refused_cleanly(response) -> None:
     assert 400 <= response.status_code < 500, (response.status_code, response.text[:200])
     assert MARK not in response.text, response.text[:200]  # the input is not echoed back
-    answer = response.json()
-    assert isinstance(answer.get("error", answer.get("detail")), str)
+    assert isinstance(response.json()["error"], str)
 
 
 def test_fuzzed_fields_headers_and_bodies_get_a_4xx_and_store_nothing(fresh, tiny_models, tmp_path):
@@ -165,7 +165,12 @@ def test_prompts_are_normalised_in_one_place_the_same_on_both_databases(
     ):
         answer = client.post("/api/pair", json={"prompt": typed}, headers=headers)
         assert answer.status_code == 200 and answer.json()["prompt"] == stored
-    for bad, reason in (("a\x00b", "control characters"), ("a\ud800", "not valid Unicode")):
+    for bad, reason in (
+        ("a\x00b", "control characters"),
+        ("a\x1fb", "control characters"),  # whitespace to Python's split, still refused
+        ("a\x85b", "control characters"),
+        ("a\ud800", "not valid Unicode"),
+    ):
         body = json.dumps({"prompt": bad}).encode()  # a lone surrogate as JSON writes it
         answer = post_raw(client, "/api/pair", body, headers, JSON)
         assert answer.status_code == 422 and reason in answer.json()["error"]
@@ -201,6 +206,8 @@ def test_only_a_pair_served_to_the_rater_can_be_judged_and_only_once(
     assert again.status_code == 409 and "judged already" in again.json()["error"]
     reused = client.post("/api/judge", json={**judgment(second), "uid": once["uid"]}, headers=mine)
     assert reused.status_code == 409 and "another pair" in reused.json()["error"]
+    changed = client.post("/api/judge", json={**once, "choice": "tie"}, headers=mine)
+    assert changed.status_code == 409 and "another choice" in changed.json()["error"]
     theirs_pair = other.post("/api/pair", json={}, headers=theirs).json()
     assert other.post("/api/judge", json=judgment(theirs_pair), headers=theirs).status_code == 200
     engine = open_engine(fresh)
@@ -235,3 +242,33 @@ def test_judgments_from_before_served_pairs_are_kept_out_of_counts_and_exports(t
     engine = open_engine(f"sqlite:///{path}")
     assert count_judgments(engine) == 0 and all_judgments(engine) == []
     assert counts(f"sqlite:///{path}")["judgments"] == 1  # kept, not counted
+
+
+def test_framework_refusals_admin_scheme_busy_models_and_a_broken_export_answer_in_json(
+    tiny_models, tiny_evaluation, tmp_path, monkeypatch
+):
+    from pickalign.eval.arena.pairs import Painter
+
+    client, config = arena(tmp_path, mode="compare", evaluation=str(tiny_evaluation))
+    headers = session(client)
+    for response in (
+        client.get("/no/such/route"),
+        client.put("/api/judge", json={}),
+        client.get("/images/" + "0" * 32 + ".png"),
+        client.get("/admin/stats", headers={"Authorization": "the-admin-token"}),  # no scheme
+    ):
+        refused_cleanly(response)
+    admin = {"Authorization": "Bearer the-admin-token"}
+    assert client.get("/admin/stats", headers=admin).status_code == 200
+    # an export whose judged image file went missing says which, as a 409
+    pair = client.post("/api/pair", json={}, headers=headers).json()
+    assert client.post("/api/judge", json=judgment(pair), headers=headers).status_code == 200
+    (Path(config.images_dir) / f"{pair['left']['uid']}.png").unlink()
+    missing = client.get("/admin/export", headers=admin)
+    assert missing.status_code == 409 and pair["left"]["uid"] in missing.json()["error"]
+    # more draws waiting than the models serve: come back later, not a held thread
+    monkeypatch.setattr(Painter, "MAX_WAITING", 0)
+    models = [{"name": "sd", "model": str(tiny_models["sd"])}]
+    busy, _ = arena(tmp_path / "busy", mode="generate", models=models, steps=1)
+    answer = busy.post("/api/pair", json={"prompt": "a red circle"}, headers=session(busy))
+    assert answer.status_code == 429 and "busy" in answer.json()["error"]

@@ -11,16 +11,19 @@ answers with the pair that follows: the rejected image replaced by a new one, bo
 Every request, however malformed, gets an answer under 500 with a short JSON reason, and a
 refused request stores nothing: 403 (no session, missing or forged CSRF token, no or a wrong
 admin token), 404 (anything else, image names that are not uids included), 409 (a pair judged
-already, or a judgment uid used for another pair), 413 (a body over ``max_body_bytes``), 422 (a
-bad field, named without echoing it: a prompt over ``max_prompt_chars``, with control characters
-or not valid Unicode; a pair not served to this rater; a choice other than left/right/tie; a
-non-finite latency), 429 (over ``judgments_per_minute``). Text is normalised at this boundary
+already, a judgment uid used for another pair, a retry with another choice; an export missing a
+judged image's file), 413 (a body over ``max_body_bytes``), 422 (a bad field, named without
+echoing it: a prompt over ``max_prompt_chars``, with control characters or not valid Unicode; a
+pair not served to this rater; a choice other than left/right/tie; a non-finite latency), 429
+(over ``judgments_per_minute``; a second draw while one is drawn for the rater; more draws
+waiting for the models than ``Painter.MAX_WAITING``). Text is normalised at this boundary
 alone (``clean_prompt``), so SQLite and PostgreSQL store the same.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime
 import hashlib
 import hmac
@@ -34,13 +37,15 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pickalign.eval.arena.config import ArenaConfig
+from pickalign.eval.arena.pairs import Busy, EvalPairs, Painter
 from pickalign.eval.arena.store import (
     CHOICES,
     JudgmentConflict,
@@ -92,9 +97,10 @@ def clean_prompt(text: str, limit: int) -> str:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise Refused(422, "prompt: not valid Unicode text") from None
-    text = " ".join(unicodedata.normalize("NFC", text).split())
-    if any(unicodedata.category(c) == "Cc" for c in text):
+    # before whitespace is collapsed: Python counts some control characters as whitespace
+    if any(unicodedata.category(c) == "Cc" and c not in "\t\n\r" for c in text):
         raise Refused(422, "prompt: control characters are not allowed")
+    text = " ".join(unicodedata.normalize("NFC", text).split())
     if not text:
         raise Refused(422, "write a prompt first")
     if len(text) > limit:
@@ -161,10 +167,16 @@ class RateLimit:
     def __init__(self, per_minute: int):
         self.per_minute, self.events = per_minute, collections.defaultdict(collections.deque)
         self.lock = threading.Lock()
+        self.pruned = time.monotonic()
 
     def check(self, rater: str) -> None:
         now = time.monotonic()
         with self.lock:
+            if now - self.pruned > 60:  # raters quiet for a minute are forgotten
+                quiet = [r for r, e in self.events.items() if not e or now - e[-1] > 60]
+                for gone in quiet:
+                    del self.events[gone]
+                self.pruned = now
             events = self.events[rater]
             while events and now - events[0] > 60:
                 events.popleft()
@@ -184,8 +196,6 @@ def _secret(config: ArenaConfig) -> bytes:
 
 
 def create_app(config: ArenaConfig, admin_token: str) -> FastAPI:
-    from pickalign.eval.arena.pairs import EvalPairs, Painter
-
     Path(config.images_dir).mkdir(parents=True, exist_ok=True)
     engine = open_engine(config.database)
     key = _secret(config)
@@ -213,9 +223,26 @@ def create_app(config: ArenaConfig, admin_token: str) -> FastAPI:
             raise Refused(403, "missing or invalid CSRF token: reload the page")
 
     def check_admin(request: Request) -> None:
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not given or not same_token(given, admin_token):
+        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not same_token(given.strip(), admin_token):
             raise Refused(403, "admin routes need Authorization: Bearer <admin token>")
+
+    drawing, drawing_lock = set(), threading.Lock()
+
+    @contextlib.contextmanager
+    def one_draw_at_a_time(rater: str):
+        """A rater waits for one pair at a time (the page never asks for two at once)."""
+        with drawing_lock:
+            if rater in drawing:
+                raise Refused(429, "a pair is being drawn for you already: wait for it")
+            drawing.add(rater)
+        try:
+            yield
+        except Busy as busy:
+            raise Refused(429, str(busy)) from None
+        finally:
+            with drawing_lock:
+                drawing.discard(rater)
 
     def image_url(uid: str) -> dict:
         return {"uid": uid, "url": f"/images/{uid}.png"}
@@ -232,6 +259,13 @@ def create_app(config: ArenaConfig, admin_token: str) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid(_request, error: RequestValidationError):
         return JSONResponse({"error": validation_reason(error)}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request, error: StarletteHTTPException):
+        # the framework's own refusals (no such route, wrong method, a body it cannot parse)
+        # in the same shape as the arena's
+        reason = str(error.detail).encode("ascii", "replace").decode()[:200]
+        return JSONResponse({"error": reason}, status_code=error.status_code, headers=error.headers)
 
     @app.middleware("http")
     async def headers(request: Request, call_next):
@@ -270,7 +304,8 @@ def create_app(config: ArenaConfig, admin_token: str) -> FastAPI:
         if config.mode == "compare":
             return serve(rater, *source.pair())
         prompt = clean_prompt(body.prompt or "", config.max_prompt_chars)
-        return serve(rater, prompt, source.draw(prompt), source.draw(prompt))
+        with one_draw_at_a_time(rater):
+            return serve(rater, prompt, source.draw(prompt), source.draw(prompt))
 
     @app.post("/api/judge")
     def judge(request: Request, body: JudgeRequest):
@@ -299,9 +334,10 @@ def create_app(config: ArenaConfig, admin_token: str) -> FastAPI:
         answer = {"id": judgment_id, "duplicate": not created}
         answer["count"] = count_judgments(engine, rater)
         if config.mode == "generate":  # a retried request's answer carries a next pair too
-            left = pair.left_uid if body.choice == "left" else source.draw(pair.prompt)
-            right = pair.right_uid if body.choice == "right" else source.draw(pair.prompt)
-            answer["next"] = serve(rater, pair.prompt, left, right)
+            with one_draw_at_a_time(rater):
+                left = pair.left_uid if body.choice == "left" else source.draw(pair.prompt)
+                right = pair.right_uid if body.choice == "right" else source.draw(pair.prompt)
+                answer["next"] = serve(rater, pair.prompt, left, right)
         return answer
 
     @app.get("/images/{name}")
@@ -309,7 +345,7 @@ def create_app(config: ArenaConfig, admin_token: str) -> FastAPI:
         uid = name.removesuffix(".png")
         path = Path(config.images_dir) / f"{uid}.png"
         if not UID.match(uid) or not path.is_file():
-            return Response("no such image", status_code=404, media_type="text/plain")
+            raise Refused(404, "no such image")
         return FileResponse(path, media_type="image/png")
 
     @app.get("/admin/stats")
@@ -333,6 +369,9 @@ def create_app(config: ArenaConfig, admin_token: str) -> FastAPI:
                 config.test_fraction,
             )  # fmt: skip
             archive = shutil.make_archive(str(folder / "arena_export"), "zip", folder / "export")
+        except FileNotFoundError as missing:  # an image of a judgment gone from the folder
+            shutil.rmtree(folder, ignore_errors=True)
+            raise Refused(409, str(missing)) from None
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise

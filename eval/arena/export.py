@@ -30,6 +30,11 @@ def split_of(prompt: str, validation: float, test: float) -> str:
 
 
 def _jpeg(path: Path) -> bytes:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"export: the judged image {path.name} is missing from {path.parent}; restore it "
+            "(the images folder and the database go together)"
+        )
     buffer = io.BytesIO()
     Image.open(path).convert("RGB").save(buffer, format="JPEG", quality=95)
     return buffer.getvalue()

@@ -16,11 +16,21 @@ from pathlib import Path
 from pickalign.eval.arena.store import add_image, image_for_source
 
 
+class Busy(RuntimeError):
+    """More draws are waiting than the server lets wait."""
+
+
 class Painter:
+    # Draws wait for one model call at a time; beyond this many waiting, a request is told to
+    # come back (429) rather than hold one of the server's threads, which pages and judgments
+    # need too.
+    MAX_WAITING = 8
+
     def __init__(self, config, engine):
         self.config, self.engine = config, engine
         self.pipelines: dict[str, object] = {}
         self.lock = threading.Lock()
+        self.waiting = threading.BoundedSemaphore(self.MAX_WAITING)
         self.random = random.Random()
 
     def _pipeline(self, spec):
@@ -40,15 +50,20 @@ class Painter:
 
         spec = self.random.choice(self.config.models)
         seed = self.random.randrange(2**31)
-        with self.lock:
-            image = generate(
-                self._pipeline(spec),
-                [prompt],
-                [seed],
-                self.config.steps,
-                self.config.guidance_scale,
-                self.config.size,
-            )[0]
+        if not self.waiting.acquire(blocking=False):
+            raise Busy("the models are busy drawing for other raters: try again in a moment")
+        try:
+            with self.lock:
+                image = generate(
+                    self._pipeline(spec),
+                    [prompt],
+                    [seed],
+                    self.config.steps,
+                    self.config.guidance_scale,
+                    self.config.size,
+                )[0]
+        finally:
+            self.waiting.release()
         return add_image(self.engine, Path(self.config.images_dir), image, prompt, spec.name, seed)
 
 

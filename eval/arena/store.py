@@ -171,9 +171,9 @@ class JudgmentConflict(ValueError):
 
 def record_judgment(engine, pair: PairRow, **fields) -> tuple[bool, int]:
     """Commit one judgment of the served ``pair`` (its prompt and images come from the pair);
-    (True, its id), or (False, the earlier id) when this very judgment (same uid, same pair)
-    was recorded already (a retried request). Raises ``JudgmentConflict`` when the pair has
-    another judgment or the uid judged another pair."""
+    (True, its id), or (False, the earlier id) when this very judgment (same uid, same pair,
+    same choice) was recorded already (a retried request). Raises ``JudgmentConflict`` when
+    the pair has another judgment, the uid judged another pair, or a retry changes the choice."""
     row = dict(
         fields,
         pair_uid=pair.uid,
@@ -191,6 +191,8 @@ def record_judgment(engine, pair: PairRow, **fields) -> tuple[bool, int]:
             )
             if earlier is not None:
                 if earlier.uid == row["uid"] and earlier.pair_uid == pair.uid:
+                    if earlier.choice != row["choice"]:
+                        raise JudgmentConflict("this judgment was recorded with another choice")
                     return False, earlier.id
                 if earlier.pair_uid == pair.uid:
                     raise JudgmentConflict("this pair was judged already")
