@@ -5,8 +5,8 @@ Each round the policy samples images with stochastic DDIM (eta > 0), recording e
 log-probability (``pickalign.align.sampler``); a reward scores them; rewards become advantages, normalised
 per prompt (``PromptStats``: a buffer of each prompt's recent rewards, kept in checkpoints) or
 within the ``group_size`` samples of a prompt drawn together (``group``). Then, for
-``inner_epochs`` passes, each sample's steps (a random ``timestep_fraction`` of them) are
-recomputed under the policy with guidance and trained with PPO's clipped objective
+``inner_epochs`` passes, each sample's steps (a random ``timestep_fraction`` of them, drawn
+from the first ``timestep_window`` of the trajectory) are recomputed under the policy with guidance and trained with PPO's clipped objective
 (``pickalign.align.losses.ppo_clip_loss``), plus an optional KL penalty to the reference, the LoRA-disabled
 UNet, on the Gaussian means of the steps (Flow-GRPO's form). LoRA by default; the output is a
 diffusers-format LoRA that ``pipe.load_lora_weights`` loads.
@@ -67,7 +67,19 @@ class DDPOConfig(OnlineConfig):
     )
     timestep_fraction: float = field(
         default=1.0,
-        metadata={"range": "(0, 1]", "help": "Share of each sample's steps trained on."},
+        metadata={
+            "range": "(0, 1]",
+            "help": "Share of each sample's steps trained on, drawn from timestep_window.",
+        },
+    )
+    timestep_window: float = field(
+        default=1.0,
+        metadata={
+            "range": "(0, 1]",
+            "help": "Share of the trajectory, from its first (noisiest) step, whose steps may be "
+            "trained on. 1: any step (DDPO). Early steps decide the layout and colours; the "
+            "last steps, which carry most of the gradient's norm, only refine.",
+        },
     )
     kl_coef: float = field(
         default=0.0,
@@ -92,9 +104,19 @@ class DDPOConfig(OnlineConfig):
             )
         if self.kl_coef and self.mode != "lora":
             raise ConfigError("kl_coef needs mode lora (the reference is the UNet without LoRA)")
+        if self.train_timesteps() > self.window_timesteps():
+            raise ConfigError(
+                f"timestep_fraction {self.timestep_fraction} trains more steps than "
+                f"timestep_window {self.timestep_window} holds; lower it to at most the window"
+            )
 
     def train_timesteps(self) -> int:
+        """Steps of each sample trained on."""
         return max(1, round(self.timestep_fraction * self.sample_steps))
+
+    def window_timesteps(self) -> int:
+        """The first steps of each trajectory that may be trained on."""
+        return max(1, round(self.timestep_window * self.sample_steps))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,7 +183,8 @@ def card_lines(config: DDPOConfig) -> list[str]:
         f"{config.group_size}, {config.sample_steps} DDIM steps, eta {config.eta}, guidance "
         f"{config.guidance_scale}",
         f"advantages: {config.advantages}; clip range {config.clip_range}; "
-        f"{config.inner_epochs} inner epochs on {config.timestep_fraction:.0%} of the steps; "
+        f"{config.inner_epochs} inner epochs on {config.timestep_fraction:.0%} of the steps, "
+        f"from the first {config.timestep_window:.0%}; "
         f"KL coefficient {config.kl_coef}",
     ]
 
@@ -199,9 +222,10 @@ def train(config: DDPOConfig, family: str) -> Path:
                 hash((config.seed, round_, epoch, rank)) % 2**63
             )
             order = torch.randperm(len(prompts), generator=generator)
-            step_order = torch.stack(
-                [torch.randperm(config.sample_steps, generator=generator) for _ in order]
-            )[:, :train_steps]
+            window = config.window_timesteps()
+            step_order = torch.stack([torch.randperm(window, generator=generator) for _ in order])[
+                :, :train_steps
+            ]
             for start in range(0, len(order), config.train_batch_size):
                 rows = order[start : start + config.train_batch_size]
                 micro = trajectory.select(rows)

@@ -229,6 +229,26 @@ def test_configs_refuse_what_cannot_run():
         )
 
 
+def test_ddpo_trains_only_the_steps_of_its_window(tiny_models, tmp_path, monkeypatch):
+    from pickalign.align import ddpo
+
+    trained, step = [], ddpo.ppo_step
+
+    def recording(unet, parts, trajectory, steps, *args, **kwargs):
+        trained.extend(steps.tolist())
+        return step(unet, parts, trajectory, steps, *args, **kwargs)
+
+    monkeypatch.setattr(ddpo, "ppo_step", recording)
+    prompts = write_prompts(tmp_path, ["a red circle", "a blue square"])
+    settings = common(tiny_models["sd"], tmp_path / "run", prompts, max_steps=1, sample_steps=8)
+    config = DDPOConfig(**settings, timestep_window=0.5, timestep_fraction=0.25)
+    train_ddpo(config, "sd")
+    # 4 samples x 2 steps each, every one among the first 4 of 8, and not always the same
+    assert len(trained) == 8 and set(trained) <= {0, 1, 2, 3} and len(set(trained)) > 1
+    with pytest.raises(ConfigError, match="more steps than timestep_window"):
+        DDPOConfig(model="unused", sample_steps=8, timestep_window=0.25, timestep_fraction=0.5)
+
+
 def test_online_configs_refuse_the_settings_only_dpo_uses(capsys):
     """EMA, reference offloading and DataLoader workers are DPO's: an online run is told, not
     left to believe they took effect."""
