@@ -210,8 +210,10 @@ class Regularizer:
             shown = [self.attributes[i] for i in rows]
             draw = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=rng)))
             centred = choose_crop(draw, random_crop=False, random_flip=False)
-            prepared = [prepare_image(render(a, draw, self.resolution), self.resolution, centred)
-                        for a in shown]  # fmt: skip
+            prepared = [
+                prepare_image(render(a, draw, self.resolution), self.resolution, centred)
+                for a in shown
+            ]
             pixels, time_ids = (torch.stack(t) for t in zip(*prepared))
             return pixels, [a.prompt for a in shown], time_ids
         rows = torch.randint(0, len(self.pairs), (size,), generator=rng).tolist()

@@ -89,8 +89,17 @@ class PostgresServer:
         data = self.dir / "data"
         self.run(str(self.bin / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres")
         options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1"
-        self.run(str(self.bin / "pg_ctl"), "-D", str(data), "-o", options, "-w", "-l",
-                 str(self.dir / "log"), "start")  # fmt: skip
+        self.run(
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(data),
+            "-o",
+            options,
+            "-w",
+            "-l",
+            str(self.dir / "log"),
+            "start",
+        )
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
 
     def __exit__(self, *exc) -> None:

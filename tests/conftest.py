@@ -118,10 +118,16 @@ def chrome(scratch: Path):
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for flag in (
-        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
         "--disable-dev-shm-usage",
-    ):  # fmt: skip
+    ):
         options.add_argument(flag)
     service = Service(driver, env={**os.environ, "TMPDIR": str(scratch)})
     return webdriver.Chrome(service=service, options=options)

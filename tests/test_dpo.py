@@ -654,9 +654,15 @@ def test_full_mode_reference_equals_the_policy_at_step_zero_in_bf16(tiny_models,
     cond = Conditioning(torch.randn(4, 77, 64), torch.randn(4, 32))
     time_ids = torch.tensor([32.0, 32, 0, 0, 32, 32]).expand(4, 2, 6)
     figures = pair_step(
-        unet, reference, parts.noise_scheduler, latents, cond, time_ids, beta=5000.0,
+        unet,
+        reference,
+        parts.noise_scheduler,
+        latents,
+        cond,
+        time_ids,
+        beta=5000.0,
         generator=torch.Generator().manual_seed(0),
-    )  # fmt: skip
+    )
     assert figures["winner_drift"] == 0
     torch.testing.assert_close(figures["loss"].detach(), torch.tensor(math.log(2)))
 

@@ -300,10 +300,13 @@ def test_clip_and_aesthetic_scores_by_hand(tiny_models, tmp_path):
     dim = clip.model.config.projection_dim
     torch.manual_seed(0)
     state = {
-        "layers.0.weight": torch.randn(16, dim), "layers.0.bias": torch.randn(16),
-        "layers.2.weight": torch.randn(4, 16), "layers.2.bias": torch.randn(4),
-        "layers.3.weight": torch.randn(1, 4), "layers.3.bias": torch.randn(1),
-    }  # fmt: skip
+        "layers.0.weight": torch.randn(16, dim),
+        "layers.0.bias": torch.randn(16),
+        "layers.2.weight": torch.randn(4, 16),
+        "layers.2.bias": torch.randn(4),
+        "layers.3.weight": torch.randn(1, 4),
+        "layers.3.bias": torch.randn(1),
+    }
     torch.save(state, tmp_path / "head.pth")
     scorer = load_reward(f"aesthetic:{tmp_path / 'head.pth'}:{tiny_models['clip']}", "cpu")
     hidden = embedded @ state["layers.0.weight"].T + state["layers.0.bias"]

@@ -291,9 +291,12 @@ def create_app(config: ArenaConfig, admin_token: str) -> FastAPI:
             },
         )
         response.set_cookie(
-            "rater", f"{rater}.{sign('rater:' + rater)}", httponly=True, samesite="strict",
+            "rater",
+            f"{rater}.{sign('rater:' + rater)}",
+            httponly=True,
+            samesite="strict",
             max_age=365 * 86400,
-        )  # fmt: skip
+        )
         return response
 
     @app.post("/api/pair")
@@ -365,9 +368,12 @@ def create_app(config: ArenaConfig, admin_token: str) -> FastAPI:
         folder = Path(tempfile.mkdtemp(prefix="arena-export-"))
         try:
             export(
-                engine, config.images_dir, folder / "export", config.validation_fraction,
+                engine,
+                config.images_dir,
+                folder / "export",
+                config.validation_fraction,
                 config.test_fraction,
-            )  # fmt: skip
+            )
             archive = shutil.make_archive(str(folder / "arena_export"), "zip", folder / "export")
         except FileNotFoundError as missing:  # an image of a judgment gone from the folder
             shutil.rmtree(folder, ignore_errors=True)

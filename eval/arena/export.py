@@ -117,9 +117,17 @@ def export(
             for j in judgments
             if j["mode"] == "compare"
         ],
-        columns=["prompt", "image_0", "image_1", "label_0", "model_0", "model_1", "rater",
-                 "decided_at"],
-    )  # fmt: skip
+        columns=[
+            "prompt",
+            "image_0",
+            "image_1",
+            "label_0",
+            "model_0",
+            "model_1",
+            "rater",
+            "decided_at",
+        ],
+    )
     with atomic_path(out / "judgments.csv") as tmp:
         table.to_csv(tmp, index=False)
     sizes["judgments"] = len(judgments)

@@ -92,8 +92,10 @@ def run_demo(out: str | Path = "outputs/demo") -> Path:
     _done(started)
 
     started = _stage(f"2/5 reward: the shipped toy PickScore ({REWARD.partition(':')[2]})")
-    print("   retrain it: accelerate launch recipes/train_reward.py "
-          "--config recipes/configs/reward/toy.yaml")  # fmt: skip
+    print(
+        "   retrain it: accelerate launch recipes/train_reward.py "
+        "--config recipes/configs/reward/toy.yaml"
+    )
     _done(started)
 
     started = _stage(f"3/5 Diffusion-DPO on the toy pairs: {DPO_STEPS} steps")
