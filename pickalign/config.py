@@ -186,16 +186,20 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
 
 
-def _structured(hint) -> bool:
-    """A dict field, or a list of dataclass entries (optional or not)."""
+def _entry_type(hint) -> type | None:
+    """X of a field typed ``list[X]`` (or ``list[X] | None``) when X is a dataclass."""
     for candidate in (hint, *typing.get_args(hint)):
-        if typing.get_origin(candidate) is dict or candidate is dict:
-            return True
         if typing.get_origin(candidate) is list:
             (entry,) = typing.get_args(candidate)
             if dataclasses.is_dataclass(entry):
-                return True
-    return False
+                return entry
+    return None
+
+
+def _structured(hint) -> bool:
+    """A dict field, or a list of dataclass entries (optional or not)."""
+    dicts = any(c is dict or typing.get_origin(c) is dict for c in (hint, *typing.get_args(hint)))
+    return dicts or _entry_type(hint) is not None
 
 
 def _yaml_value(text: str):
@@ -210,14 +214,8 @@ def _yaml_value(text: str):
 
 def entry_types(config_type) -> dict[str, type]:
     """The list fields of ``config_type`` whose entries are dataclasses: name -> entry type."""
-    found = {}
-    for name, hint in typing.get_type_hints(config_type).items():
-        for candidate in (hint, *typing.get_args(hint)):  # list[X], or list[X] | None
-            if typing.get_origin(candidate) is list:
-                (entry,) = typing.get_args(candidate)
-                if dataclasses.is_dataclass(entry):
-                    found[name] = entry
-    return found
+    hints = typing.get_type_hints(config_type).items()
+    return {name: _entry_type(hint) for name, hint in hints if _entry_type(hint) is not None}
 
 
 def entries_help(config_types: list) -> str:

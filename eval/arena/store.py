@@ -182,31 +182,40 @@ def record_judgment(engine, pair: PairRow, **fields) -> tuple[bool, int]:
         left_uid=pair.left_uid,
         right_uid=pair.right_uid,
     )
-    for attempt in range(2):
-        with Session(engine) as session:
-            earlier = session.scalar(
-                select(JudgmentRow).where(
-                    (JudgmentRow.uid == row["uid"]) | (JudgmentRow.pair_uid == pair.uid)
-                )
+    earlier = _recorded(engine, row)
+    if earlier is not None:
+        return False, earlier
+    try:
+        with Session(engine) as session, session.begin():
+            judgment = JudgmentRow(**row)
+            session.add(judgment)
+            session.flush()
+            return True, judgment.id
+    except IntegrityError:  # another request landed first: the same judgment, or a conflict
+        earlier = _recorded(engine, row)
+        if earlier is None:
+            raise
+        return False, earlier
+
+
+def _recorded(engine, row: dict) -> int | None:
+    """The id of the judgment ``row`` if it is recorded already, None if neither its uid nor
+    its pair has a judgment; ``JudgmentConflict`` if either has another one."""
+    with Session(engine) as session:
+        earlier = session.scalar(
+            select(JudgmentRow).where(
+                (JudgmentRow.uid == row["uid"]) | (JudgmentRow.pair_uid == row["pair_uid"])
             )
-            if earlier is not None:
-                if earlier.uid == row["uid"] and earlier.pair_uid == pair.uid:
-                    if earlier.choice != row["choice"]:
-                        raise JudgmentConflict("this judgment was recorded with another choice")
-                    return False, earlier.id
-                if earlier.pair_uid == pair.uid:
-                    raise JudgmentConflict("this pair was judged already")
-                raise JudgmentConflict("this judgment uid was used for another pair")
-        try:
-            with Session(engine) as session, session.begin():
-                judgment = JudgmentRow(**row)
-                session.add(judgment)
-                session.flush()
-                return True, judgment.id
-        except IntegrityError:
-            if attempt:  # the same request racing itself: the check above decides
-                raise
-    raise AssertionError("unreachable")
+        )
+    if earlier is None:
+        return None
+    if earlier.uid == row["uid"] and earlier.pair_uid == row["pair_uid"]:
+        if earlier.choice != row["choice"]:
+            raise JudgmentConflict("this judgment was recorded with another choice")
+        return earlier.id
+    if earlier.pair_uid == row["pair_uid"]:
+        raise JudgmentConflict("this pair was judged already")
+    raise JudgmentConflict("this judgment uid was used for another pair")
 
 
 def count_judgments(engine, rater: str | None = None) -> int:
