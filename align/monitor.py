@@ -2,8 +2,8 @@
 world, the oracle) on the same held-out samples over training, side by side.
 
 Every ``monitor_every`` rounds, and before the first, the policy samples the monitor prompts with
-fixed seeds as evaluation samples them (deterministic DDIM, ``monitor_guidance``), and each
-reward scores the same images.
+fixed seeds (``monitor_seeds`` each) as evaluation samples them (deterministic DDIM,
+``monitor_guidance``, ``monitor_steps``), and each reward scores the same images.
 The figures go to the trackers (tensorboard), ``log.jsonl``, the run's final metrics, and
 ``monitor.png`` in the run folder: a reward that climbs while the oracle stays flat or falls is
 the reward being hacked.
@@ -31,7 +31,9 @@ class Monitor:
     def __init__(self, config, reward, accelerator, sample):
         self.config, self.reward, self.accelerator = config, reward, accelerator
         self.sample = sample
+        # monitor_seeds copies of the prompts; an image's seed is its index in this list
         self.prompts = load_prompts(config.monitor_prompts, config.monitor_count)
+        self.prompts = self.prompts * config.monitor_seeds
         self.others = {
             spec: load_reward(spec, accelerator.device) for spec in config.monitor_rewards
         }
@@ -73,7 +75,8 @@ class Monitor:
         first, last = self.history[0], self.history[-1]
         return {
             "prompts": self.config.monitor_prompts,
-            "count": len(self.prompts),
+            "count": len(self.prompts) // self.config.monitor_seeds,
+            "seeds": self.config.monitor_seeds,
             "first": first,
             "last": last,
             "history": self.history,

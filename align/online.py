@@ -125,8 +125,14 @@ class OnlineConfig(UNetTuneConfig):
             "toy:validation). None: off."
         },
     )
-    monitor_count: int = field(
-        default=64, metadata={"range": "> 0", "help": "Monitor prompts (one seed each)."}
+    monitor_count: int = field(default=64, metadata={"range": "> 0", "help": "Monitor prompts."})
+    monitor_seeds: int = field(
+        default=1,
+        metadata={
+            "range": "> 0",
+            "help": "Seeds per monitor prompt: more images, a steadier figure when the held-out "
+            "prompts are few.",
+        },
     )
     monitor_every: int = field(
         default=5, metadata={"range": "> 0", "help": "Monitor every N rounds."}
@@ -134,6 +140,14 @@ class OnlineConfig(UNetTuneConfig):
     monitor_guidance: float = field(
         default=5.0,
         metadata={"range": ">= 1", "help": "Guidance of the monitor's samples (as evaluated)."},
+    )
+    monitor_steps: int | None = field(
+        default=None,
+        metadata={
+            "range": "> 0",
+            "help": "Sampling steps of the monitor's samples: as evaluated, when training samples "
+            "with fewer (None: sample_steps).",
+        },
     )
     monitor_rewards: list[str] = field(
         default_factory=list,
@@ -197,11 +211,12 @@ def rollout(
     eta=None,
     guidance=None,
     keep_trajectory: bool = True,
+    steps: int | None = None,
 ):
     """Sample ``prompts`` with ``unet`` (unwrapped) in batches of ``sample_batch_size``:
     one ``Trajectory`` for all of them. ``eta`` and ``guidance`` override the config's; with
     eta 0 (as evaluation samples) no log-probabilities are recorded; ``keep_trajectory=False``
-    keeps only the final latents and images."""
+    keeps only the final latents and images; ``steps`` overrides ``sample_steps``."""
     eta = config.eta if eta is None else eta
     guidance = config.guidance_scale if guidance is None else guidance
     batch = config.sample_batch_size
@@ -215,7 +230,7 @@ def rollout(
                     parts,
                     prompts[start : start + batch],
                     seeds[start : start + batch],
-                    config.sample_steps,
+                    steps or config.sample_steps,
                     guidance,
                     eta,
                     config.resolution,
@@ -331,7 +346,16 @@ def start_run(config: OnlineConfig, family: str, method: str, accumulation=None)
         def sample_as_evaluated(prompts: list[str], seeds: list[int]) -> torch.Tensor:
             guidance = config.monitor_guidance
             images = rollout(
-                parts, policy, prompts, seeds, config, accelerator, 0.0, guidance, False
+                parts,
+                policy,
+                prompts,
+                seeds,
+                config,
+                accelerator,
+                0.0,
+                guidance,
+                keep_trajectory=False,
+                steps=config.monitor_steps,
             )
             return images.images
 

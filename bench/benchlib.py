@@ -123,3 +123,14 @@ def peak_rss_gb() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def pickalign_from_source() -> None:
+    """Make ``pickalign.reward`` and the other rooms importable from this checkout without
+    installing it (they live at the repository's root; an install maps them): the peers'
+    environments, such as trl 0.23.1's, run the toy world's oracle from here."""
+    import pickalign
+
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in pickalign.__path__:
+        pickalign.__path__.append(root)

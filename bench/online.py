@@ -213,6 +213,9 @@ def _trl(out: Path, epochs: int) -> None:
     PartialState()  # trl's pipeline logs through accelerate's logger
     from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
 
+    from bench.benchlib import pickalign_from_source
+
+    pickalign_from_source()
     from pickalign.reward.toyworld import OracleReward, prompt_splits
 
     e = EPOCH
