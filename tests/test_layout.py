@@ -150,6 +150,7 @@ def test_every_shipped_recipe_config_parses():
     from pickalign.config import parse_config
     from pickalign.eval.arena.config import ArenaConfig
     from pickalign.eval.suite import EvalConfig
+    from pickalign.eval.toy.clip import ToyClipConfig
     from pickalign.eval.toy.judge import ToyJudgeConfig
     from pickalign.eval.toy.pretrain import PretrainToyConfig
     from pickalign.reward.train import RewardConfig
@@ -173,6 +174,7 @@ def test_every_shipped_recipe_config_parses():
             config = parse_config(EvalConfig, ["--config", str(path)])
             assert config.output_dir.startswith("outputs/"), path
             continue
-        config = parse_config(classes[path.parent.name], ["--config", str(path)])
+        kind = ToyClipConfig if path.name == "clip.yaml" else classes[path.parent.name]
+        config = parse_config(kind, ["--config", str(path)])
         config = config[0] if isinstance(config, tuple) else config
         assert config.output_dir.startswith("outputs/"), path

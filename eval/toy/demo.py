@@ -2,14 +2,15 @@
 
 1. A toy Pick-a-Pic dataset (renders and the toy-sdxl base's own samples, labelled by the
    oracle), read back through the data layer.
-2. The reward: the shipped toy PickScore (``eval/toy/assets/pickscore``, trained by
-   ``recipes/configs/reward/toy.yaml``); its accuracy on the dataset's test_unique pairs.
+2. The reward: the shipped toy PickScore (``eval/toy/assets/pickscore``: the toy CLIP,
+   ``eval/toy/assets/clip``, fine-tuned by ``recipes/configs/reward/toy.yaml``); its accuracy on
+   the dataset's test_unique pairs.
 3. Diffusion-DPO on those pairs: a LoRA on toy-sdxl (``recipes/configs/dpo/toy_sdxl.yaml``,
    shortened).
 4. Online best-of-n distillation with the toy PickScore in the loop
    (``recipes/configs/reward_weighted/toy_sdxl_best_of_n.yaml``, shortened).
 5. The evaluation report (``pickalign.eval.suite``): base, DPO, online and best-of-4 ranking of the base
-   on held-out prompts, scored by the toy PickScore and by the oracle.
+   on held-out prompts, scored by the toy PickScore, the toy CLIP's CLIP score and the oracle.
 
 Every stage keeps its output under ``--out``; a rerun skips the stages already done.
 """
@@ -23,6 +24,7 @@ from pickalign.eval.toy.data import generate_toy_dataset, shipped_toy_models
 
 REPO = Path(__file__).resolve().parents[2]
 REWARD = "pickscore:eval/toy/assets/pickscore"
+CLIP_SCORE = "clip:eval/toy/assets/clip"
 
 # The demo's sizes: the full toy configs, shortened to fit a few minutes on 2 CPU cores.
 DATA_PAIRS_PER_PROMPT = 3
@@ -142,7 +144,8 @@ def run_demo(out: str | Path = "outputs/demo") -> Path:
             f"{ONLINE_ROUNDS} rounds of 64 samples, the toy PickScore as the reward; ranking: best "
             f"of {RANK_N} by the toy PickScore. Shortened from the toy configs (their full "
             "figures are in eval/toy/README.md); 'oracle' counts the prompt's attributes the "
-            "image gets right (0-3), the ground truth the toy PickScore approximates."
+            "image gets right (0-3), the ground truth the toy PickScore approximates; 'toy-clip' "
+            "is the CLIP score (100 x cosine) of the toy CLIP the toy PickScore started from."
         ),
         prompts="toy:test",
         max_prompts=EVAL_PROMPTS,
@@ -156,7 +159,7 @@ def run_demo(out: str | Path = "outputs/demo") -> Path:
             ModelSpec("online", base, lora=str(online)),
             ModelSpec(f"best-of-{RANK_N}", base, rank_by=REWARD, rank_n=RANK_N),
         ],
-        scorers={"toy-pickscore": REWARD, "oracle": "toy-oracle"},
+        scorers={"toy-pickscore": REWARD, "toy-clip": CLIP_SCORE, "oracle": "toy-oracle"},
         runs={"dpo": str(out / "dpo"), "online": str(out / "online")},
         reward_model=REWARD.partition(":")[2],
         reward_data=str(data),
@@ -179,12 +182,13 @@ def _summary(results_path: Path) -> None:
         f"\ntoy PickScore accuracy on the toy test_unique pairs: {accuracy['accuracy']:.3f} "
         f"[{accuracy['accuracy_ci95'][0]:.3f}, {accuracy['accuracy_ci95'][1]:.3f}]"
     )
-    print(f"{'model':12s} {'toy PickScore':>22s} {'oracle (0-3)':>22s}  oracle win rate over base")
+    names = results["scorer_names"]
+    print(f"{'model':12s}" + "".join(f" {name:>22s}" for name in names) + "  oracle win rate")
     for model in results["model_names"]:
         cells = []
-        for scorer in results["scorer_names"]:
+        for scorer in names:
             m = results["means"][model][scorer]
             cells.append(f"{m['mean']:.3f} [{m['low']:.3f}, {m['high']:.3f}]")
         rate = results["win_rates"]["oracle"].get(model, {}).get("base")
         won = f"{rate['estimate']:.3f} [{rate['low']:.3f}, {rate['high']:.3f}]" if rate else ""
-        print(f"{model:12s} {cells[0]:>22s} {cells[1]:>22s}  {won}")
+        print(f"{model:12s}" + "".join(f" {cell:>22s}" for cell in cells) + f"  {won}")
