@@ -40,16 +40,23 @@ def tiny_clip_config(image_size: int = 32, width: int = 32, layers: int = 2, pro
 
 def build_tiny_clip(folder: str | Path, image_size: int = 32, seed: int = 0, **config) -> Path:
     """Save a randomly initialised tiny ``CLIPModel`` and its ``CLIPProcessor`` to ``folder``."""
+    return save_new_clip(folder, tiny_clip_config(image_size=image_size, **config), seed)
+
+
+def save_new_clip(folder: str | Path, config, seed: int = 0) -> Path:
+    """A randomly initialised ``CLIPModel`` of ``config`` (a ``CLIPConfig``) and its
+    ``CLIPProcessor`` (CLIP's normalisation and bicubic resize at the vision tower's size, the real
+    CLIP tokenizer), saved to ``folder``."""
     from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     folder = Path(folder)
     torch.manual_seed(seed)
-    model = CLIPModel(tiny_clip_config(image_size=image_size, **config))
-    model.save_pretrained(folder)
+    CLIPModel(config).save_pretrained(folder)
     tokenizer = build_clip_tokenizer(folder)
+    size = config.vision_config.image_size
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
         resample=3,  # bicubic, as CLIP's own preprocessing
     )
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)

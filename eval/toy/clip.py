@@ -42,6 +42,7 @@ from pickalign.reward.toyworld import (
     read_image,
     render,
 )
+from pickalign.reward.train import param_groups
 from pickalign.runtime import (
     atomic_path,
     check_finite,
@@ -207,22 +208,11 @@ def load_or_build_web(config: ToyClipConfig, accelerator) -> tuple[np.ndarray, n
 
 
 def build_toy_clip(config: ToyClipConfig, folder: Path) -> Path:
-    """A randomly initialised toy CLIP and its ``CLIPProcessor`` (32 px, CLIP's normalisation,
-    the real CLIP tokenizer) saved to ``folder``."""
-    from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor
+    """A randomly initialised toy CLIP and its ``CLIPProcessor``, saved to ``folder`` whole."""
+    from pickalign.reward.tiny import save_new_clip
 
-    from pickalign.reward.tokenizer import build_clip_tokenizer
-
-    torch.manual_seed(config.seed)
     with atomic_path(folder) as tmp:
-        CLIPModel(toy_clip_config(config)).save_pretrained(tmp)
-        image_processor = CLIPImageProcessor(
-            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, resample=3
-        )
-        processor = CLIPProcessor(
-            image_processor=image_processor, tokenizer=build_clip_tokenizer(tmp)
-        )
-        processor.save_pretrained(tmp)
+        save_new_clip(tmp, toy_clip_config(config), config.seed)
     return folder
 
 
@@ -258,12 +248,7 @@ def train(config: ToyClipConfig) -> Path:
         [a.prompt for a in all_attributes()], padding=True, return_tensors="pt"
     )
     by_caption = [np.flatnonzero(captions == c) for c in range(len(tokens.input_ids))]
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": rest, "weight_decay": 0.0},
-    ]
+    groups = param_groups(model, config.weight_decay)
     optimizer = make_optimizer("adamw", groups, config.learning_rate)
     scheduler = warmup_schedule(optimizer, config.warmup_steps, config.max_steps, "cosine")
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
