@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -132,3 +133,13 @@ def test_the_shipped_toy_pickscore_runs_through_the_model_cards_code():
     scores = torch.stack([calc_probs(p, [a, b, c]) for p, a, b, c in zip(prompts, right, one, two)])
     assert (scores[:, 0] > scores[:, 1]).float().mean() >= 0.9
     assert (scores[:, 1] > scores[:, 2]).float().mean() >= 0.8
+
+
+def test_a_missing_vae_or_base_is_refused_before_any_work(tmp_path):
+    from pickalign.reward.sources import ArtefactError
+
+    with pytest.raises(ArtefactError, match="vae: no/vae"):
+        train(ToyClipConfig(output_dir=str(tmp_path), vae="no/vae"))
+    with pytest.raises(ArtefactError, match="bases: no/base"):
+        train(ToyClipConfig(output_dir=str(tmp_path), bases=["no/base"]))
+    assert not any(tmp_path.iterdir())

@@ -227,10 +227,23 @@ def normaliser(processor):
     return normalise
 
 
+def check_inputs(config: ToyClipConfig) -> None:
+    """Refuse a missing VAE or base pipeline before any work (the bases are read at the end)."""
+    from pickalign.reward.sources import ArtefactError, require
+
+    if not (Path(config.vae) / "config.json").exists():
+        raise ArtefactError(
+            f"vae: {config.vae} is not a VAE folder (no config.json); the toy one is {TOY_VAE}"
+        )
+    for base in config.bases:
+        require(base, "pipeline", "bases")
+
+
 def train(config: ToyClipConfig) -> Path:
     """Pretrain, judge zero-shot, write ``<output_dir>/final``; returns that folder."""
     from transformers import CLIPModel, CLIPProcessor
 
+    check_inputs(config)
     started = time.time()
     out = Path(config.output_dir)
     accelerator = make_accelerator(config, project="toy_clip")
