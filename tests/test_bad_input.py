@@ -247,7 +247,8 @@ def test_a_missing_toy_dataset_names_the_command_that_builds_it(tmp_path, monkey
     monkeypatch.chdir(tmp_path)  # a fresh clone: no outputs/ yet
     reward = lambda argv: train(parse_config(RewardConfig, argv))  # noqa: E731
     config = str(REPO / "recipes/configs/reward/toy.yaml")
-    err = _recipe_error(reward, ["--config", config], capsys)
+    clip = str(REPO / "eval/toy/assets/clip")  # the config names it from the repository root
+    err = _recipe_error(reward, ["--config", config, "--model", clip], capsys)
     assert "dataset: outputs/toy_dpo_data does not exist" in err
     assert "build it with: pickalign toy data --out outputs/toy_dpo_data" in err
     assert not Path("outputs").exists()
