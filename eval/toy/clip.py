@@ -161,20 +161,19 @@ def build_web(config: ToyClipConfig) -> tuple[np.ndarray, np.ndarray]:
     labels = np.repeat(np.arange(len(combos)), k)
     vae = AutoencoderKL.from_pretrained(config.vae).eval()
 
-    def latents(rows: np.ndarray) -> torch.Tensor:
-        return torch.cat(
-            [
-                vae.encode(_to_unit(renders[rows[i : i + 512]])).latent_dist.mean
-                for i in range(0, len(rows), 512)
-            ]
-        )
+    latents = torch.cat(  # every render encoded once: the round trips and morphs share them
+        [
+            vae.encode(_to_unit(renders[i : i + 512])).latent_dist.mean
+            for i in range(0, len(renders), 512)
+        ]
+    )
 
     def decode(z: torch.Tensor) -> np.ndarray:
         return np.concatenate(
             [_to_uint8(vae.decode(z[i : i + 512]).sample) for i in range(0, len(z), 512)]
         )
 
-    recons = decode(latents(np.arange(len(renders))))
+    recons = decode(latents)
     starts, ends = [], []
     for i, attributes in enumerate(combos):
         for _ in range(config.morphs_per_caption):
@@ -183,7 +182,7 @@ def build_web(config: ToyClipConfig) -> tuple[np.ndarray, np.ndarray]:
     images, captions = [renders, recons], [labels, labels]
     if starts:
         alpha = torch.from_numpy(rng.uniform(0.2, 0.8, len(starts))).float().view(-1, 1, 1, 1)
-        z = (1 - alpha) * latents(np.array(starts)) + alpha * latents(np.array(ends))
+        z = (1 - alpha) * latents[starts] + alpha * latents[ends]
         morphs = decode(z)
         seen = [read_image(Image.fromarray(m)) for m in morphs]
         keep = [i for i, s in enumerate(seen) if s in index]
